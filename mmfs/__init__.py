@@ -1,0 +1,1 @@
+"""mmfs: a FUSE filesystem whose file contents live in memory maps."""

@@ -1,0 +1,91 @@
+"""The anonymous shared memory "device" that holds every file's bytes.
+
+One ``MAP_SHARED|MAP_ANONYMOUS|MAP_NORESERVE`` region, reserved once and never
+resized (a shared anonymous map cannot grow: touching past its original length
+is SIGBUS).  It is cut into fixed-size slots; a file's content owns whole
+slots, and inside a slot the pages actually written are tracked by the content.
+Virtual space costs nothing; a page costs memory only once written, and
+``MADV_REMOVE`` gives it back.
+
+The arena counts pages held against the ``size=`` limit.  It knows only bytes:
+no inodes, no names, no FUSE.  Synchronous; the single-threaded daemon is its
+only caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+
+PAGE = mmap.PAGESIZE
+SLOT = 64 * 1024
+PAGES_PER_SLOT = SLOT // PAGE
+MAP_NORESERVE = 0x4000  # not exported by Python 3.11's mmap module
+
+
+class NoSpace(OSError):
+    """The page budget (``size=``) is exhausted."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ENOSPC, "no space left in the arena")
+
+
+class Arena:
+    """Slots of anonymous shared memory, with page accounting.
+
+    ``page_limit`` of 0 means unlimited (only the reservation bounds it).
+    """
+
+    def __init__(self, reserve_bytes: int, page_limit: int = 0) -> None:
+        slots = max(1, reserve_bytes // SLOT)
+        self.map = mmap.mmap(-1, slots * SLOT, flags=mmap.MAP_SHARED | MAP_NORESERVE)
+        self.view = memoryview(self.map)
+        self.slot_count = slots
+        self.page_limit = page_limit
+        self.pages_held = 0
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+
+    # --- page budget ----------------------------------------------------
+    def pages_free(self) -> int:
+        """Pages that may still be taken; a large number when unlimited."""
+        if self.page_limit == 0:
+            return self.slot_count * PAGES_PER_SLOT - self.pages_held
+        return max(0, self.page_limit - self.pages_held)
+
+    def take_pages(self, count: int) -> None:
+        """Charge ``count`` newly written pages, or raise NoSpace."""
+        if count > self.pages_free():
+            raise NoSpace()
+        self.pages_held += count
+
+    def give_pages(self, count: int) -> None:
+        """Return ``count`` pages to the budget."""
+        assert 0 <= count <= self.pages_held, (count, self.pages_held)
+        self.pages_held -= count
+
+    # --- slots ----------------------------------------------------------
+    def alloc_slot(self) -> int:
+        """A zero-filled slot number (its pages are not charged yet)."""
+        if self._free_slots:
+            return self._free_slots.pop()
+        if self._next_slot >= self.slot_count:
+            raise NoSpace()
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def free_slot(self, slot: int) -> None:
+        """Release a slot; its memory goes back to the system."""
+        self.map.madvise(mmap.MADV_REMOVE, slot * SLOT, SLOT)
+        self._free_slots.append(slot)
+
+    def punch(self, slot: int, first_page: int, pages: int) -> None:
+        """Give the memory of ``pages`` pages of ``slot`` back (they read zero)."""
+        self.map.madvise(mmap.MADV_REMOVE, slot * SLOT + first_page * PAGE, pages * PAGE)
+
+    def sync(self, slot: int) -> None:
+        """msync(MS_SYNC) the slot's pages (no durability: shmem has no backing store)."""
+        self.map.flush(slot * SLOT, SLOT)
+
+    def slots_in_use(self) -> int:
+        return self._next_slot - len(self._free_slots)

@@ -1,0 +1,579 @@
+"""The pure filesystem model: inodes, directories, handles and the errno rules.
+
+Everything a mount does is decided here, in plain synchronous methods that raise
+``FsError(errno)``.  There is no pyfuse3 and no trio in this module: the FUSE
+adapter (``fuse_ops``) only translates.  Because the adapter never awaits in the
+middle of a model call, every method runs atomically.
+
+Kernel tmpfs is the reference for every choice.  The kernel itself checks
+permissions (``default_permissions``), the sticky bit, trusted.* privileges and
+most rename type errors before a request reaches us; the model checks what the
+kernel leaves to the filesystem (ENOTEMPTY, ENAMETOOLONG, EEXIST, loops...).
+
+Lifetimes: an inode is freed when it has no names (``nlink == 0``), no kernel
+lookup references and no open handles.  Inode numbers are never reused.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Protocol
+
+from .arena import PAGE, NoSpace
+from .content import AnonContent, Buffer
+
+ROOT_INO = 1
+NAME_MAX = 255
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+DAY_NS = 86400 * 10**9
+BOGO_DIRENT_SIZE = 20  # tmpfs counts a directory's size as 20 bytes an entry
+
+
+class FsError(Exception):
+    """A request failed with ``errno``; the adapter answers it to the kernel."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err, errno.errorcode.get(err, str(err)))
+        self.errno = err
+
+
+class Content(Protocol):
+    """What the model needs of a regular file's bytes (see content.py)."""
+
+    size: int
+    pages: int
+
+    def read(self, offset: int, length: int) -> Buffer: ...
+    def write(self, offset: int, data: Buffer) -> int: ...
+    def truncate(self, size: int) -> None: ...
+    def release(self) -> None: ...
+    def sync(self) -> None: ...
+
+
+@dataclass
+class FsConfig:
+    """Mount-wide settings that the model enforces."""
+
+    max_inodes: int = 0  # 0 = unlimited
+    root_mode: int = 0o1777
+    root_uid: int = 0
+    root_gid: int = 0
+
+
+@dataclass(eq=False)
+class Inode:
+    """One file of any type, with every lifetime field in one place."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int = 1
+    rdev: int = 0
+    lookups: int = 0  # kernel references (lookup/create/... minus forget)
+    opens: int = 0  # open handles
+    content: Optional[Content] = None  # regular files
+    entries: Optional[dict[bytes, tuple[int, int]]] = None  # dirs: name -> (ino, cookie)
+    parent: int = 0  # dirs: the directory holding this one
+    next_cookie: int = 3  # dirs: 1 and 2 are "." and ".."
+    target: bytes = b""  # symlinks
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.entries is not None
+
+    @property
+    def size(self) -> int:
+        if self.content is not None:
+            return self.content.size
+        if self.entries is not None:
+            return BOGO_DIRENT_SIZE * (2 + len(self.entries))
+        return len(self.target)
+
+    @property
+    def blocks(self) -> int:
+        """512-byte blocks really held, as st_blocks counts them."""
+        return self.content.pages * (PAGE // 512) if self.content is not None else 0
+
+
+@dataclass
+class Handle:
+    """One open() or opendir(): what the kernel's fh refers to."""
+
+    ino: int
+    flags: int = 0
+    listing: Optional[list[tuple[int, bytes]]] = None  # dirs: (cookie, name) snapshot
+
+
+@dataclass
+class Attrs:
+    """The attribute changes of one setattr request (None = unchanged)."""
+
+    mode: Optional[int] = None
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    size: Optional[int] = None
+    atime_ns: Optional[int] = None
+    mtime_ns: Optional[int] = None
+
+
+class Filesystem:
+    """A whole mount's namespace and data, independent of FUSE."""
+
+    def __init__(
+        self,
+        new_content: Callable[[], Content],
+        config: FsConfig,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.new_content = new_content
+        self.config = config
+        self.clock = clock
+        self.inodes: dict[int, Inode] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_ino = ROOT_INO
+        self._next_fh = 1
+        root = self._new_inode(stat.S_IFDIR | config.root_mode, config.root_uid, config.root_gid)
+        root.entries, root.parent, root.nlink = {}, ROOT_INO, 2
+        root.lookups = 1  # pinned: the kernel never forgets the root
+
+    # --- inode table ------------------------------------------------------
+    def _new_inode(self, mode: int, uid: int, gid: int) -> Inode:
+        limit = self.config.max_inodes
+        if limit and len(self.inodes) >= limit:
+            raise FsError(errno.ENOSPC)
+        now = self.clock()
+        inode = Inode(self._next_ino, mode, uid, gid, now, now, now)
+        self.inodes[inode.ino] = inode
+        self._next_ino += 1
+        return inode
+
+    def get(self, ino: int) -> Inode:
+        try:
+            return self.inodes[ino]
+        except KeyError:
+            raise FsError(errno.ESTALE) from None
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self.get(ino)
+        if inode.entries is None:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    def _maybe_free(self, inode: Inode) -> None:
+        if inode.nlink or inode.lookups or inode.opens or inode.ino == ROOT_INO:
+            return
+        if inode.content is not None:
+            inode.content.release()
+        del self.inodes[inode.ino]
+
+    def remember(self, inode: Inode) -> Inode:
+        """The kernel took a reference (an entry reply); it will forget() it."""
+        inode.lookups += 1
+        return inode
+
+    def forget(self, ino: int, count: int) -> None:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            return
+        if count > inode.lookups:
+            raise AssertionError(f"lookup count underflow on inode {ino}")
+        inode.lookups -= count
+        self._maybe_free(inode)
+
+    # --- names ------------------------------------------------------------
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+
+    def _child(self, parent: Inode, name: bytes) -> Optional[Inode]:
+        assert parent.entries is not None
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self.inodes[parent.parent]
+        found = parent.entries.get(name)
+        return self.inodes[found[0]] if found else None
+
+    def lookup(self, parent_ino: int, name: bytes) -> Optional[Inode]:
+        """The named child, with a kernel reference taken; None if absent."""
+        self._check_name(name)
+        parent = self._dir(parent_ino)
+        child = self._child(parent, name)
+        return self.remember(child) if child is not None else None
+
+    def _link_entry(self, parent: Inode, name: bytes, inode: Inode) -> None:
+        assert parent.entries is not None
+        parent.entries.pop(name, None)  # keeps cookie order == dict order
+        parent.entries[name] = (inode.ino, parent.next_cookie)
+        parent.next_cookie += 1
+
+    def _touch(self, *inodes: Inode, mtime: bool = True) -> None:
+        now = self.clock()
+        for inode in inodes:
+            inode.ctime_ns = now
+            if mtime:
+                inode.mtime_ns = now
+
+    def _make(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        self._check_name(name)
+        parent = self._dir(parent_ino)
+        if parent.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if self._child(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        inode = self._new_inode(mode, uid, gid)
+        self._link_entry(parent, name, inode)
+        self._touch(parent)
+        return self.remember(inode)
+
+    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
+        if stat.S_IFMT(mode) == stat.S_IFREG:
+            return self.create_file(parent_ino, name, mode, uid, gid)
+        inode = self._make(parent_ino, name, mode, uid, gid)
+        inode.rdev = rdev
+        return inode
+
+    def create_file(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        content = self.new_content()
+        inode = self._make(parent_ino, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+        inode.content = content
+        return inode
+
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        inode = self._make(parent_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        inode.entries, inode.parent, inode.nlink = {}, parent_ino, 2
+        self.inodes[parent_ino].nlink += 1
+        return inode
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        if len(target) >= 4096:
+            raise FsError(errno.ENAMETOOLONG)
+        inode = self._make(parent_ino, name, stat.S_IFLNK | 0o777, uid, gid)
+        inode.target = target
+        return inode
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.get(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL)
+        return inode.target
+
+    def link(self, ino: int, parent_ino: int, name: bytes) -> Inode:
+        inode = self.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EPERM)
+        self._check_name(name)
+        parent = self._dir(parent_ino)
+        if self._child(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        inode.nlink += 1
+        self._link_entry(parent, name, inode)
+        self._touch(parent)
+        self._touch(inode, mtime=False)
+        return self.remember(inode)
+
+    def _existing(self, parent: Inode, name: bytes) -> Inode:
+        self._check_name(name)
+        child = self._child(parent, name)
+        if child is None:
+            raise FsError(errno.ENOENT)
+        return child
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        parent = self._dir(parent_ino)
+        child = self._existing(parent, name)
+        if child.is_dir:
+            raise FsError(errno.EISDIR)
+        self._drop_entry(parent, name, child)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        parent = self._dir(parent_ino)
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        child = self._existing(parent, name)
+        if not child.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if name == b".." or child.ino == ROOT_INO:
+            raise FsError(errno.ENOTEMPTY if name == b".." else errno.EBUSY)
+        if child.entries:
+            raise FsError(errno.ENOTEMPTY)
+        self._drop_entry(parent, name, child)
+
+    def _drop_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
+        assert parent.entries is not None
+        del parent.entries[name]
+        if child.is_dir:
+            child.nlink = 0
+            parent.nlink -= 1
+        else:
+            child.nlink -= 1
+        self._touch(parent)
+        self._touch(child, mtime=False)
+        self._maybe_free(child)
+
+    def _is_ancestor(self, ancestor: Inode, inode: Inode) -> bool:
+        while True:
+            if inode is ancestor:
+                return True
+            if inode.ino == ROOT_INO:
+                return False
+            inode = self.inodes[inode.parent]
+
+    def rename(self, old_parent_ino: int, old: bytes, new_parent_ino: int, new: bytes, flags: int) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        src_dir, dst_dir = self._dir(old_parent_ino), self._dir(new_parent_ino)
+        if old in (b".", b"..") or new in (b".", b".."):
+            raise FsError(errno.EBUSY if old == b"." or new == b"." else errno.EINVAL)
+        moved = self._existing(src_dir, old)
+        self._check_name(new)
+        target = self._child(dst_dir, new)
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise FsError(errno.ENOENT)
+            return self._exchange(src_dir, old, moved, dst_dir, new, target)
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST)
+        if moved.is_dir and self._is_ancestor(moved, dst_dir):
+            raise FsError(errno.EINVAL)
+        if target is moved:
+            return
+        if target is not None:
+            if moved.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if target.is_dir and not moved.is_dir:
+                raise FsError(errno.EISDIR)
+            if target.entries:
+                raise FsError(errno.ENOTEMPTY)
+            self._drop_entry(dst_dir, new, target)
+        assert src_dir.entries is not None
+        del src_dir.entries[old]
+        self._link_entry(dst_dir, new, moved)
+        self._reparent(moved, src_dir, dst_dir)
+        self._touch(src_dir, dst_dir)
+        self._touch(moved, mtime=False)
+
+    def _reparent(self, moved: Inode, src_dir: Inode, dst_dir: Inode) -> None:
+        if moved.is_dir and src_dir is not dst_dir:
+            src_dir.nlink -= 1
+            dst_dir.nlink += 1
+            moved.parent = dst_dir.ino
+
+    def _exchange(self, src_dir: Inode, old: bytes, a: Inode, dst_dir: Inode, new: bytes, b: Inode) -> None:
+        if (a.is_dir and self._is_ancestor(a, dst_dir)) or (b.is_dir and self._is_ancestor(b, src_dir)):
+            raise FsError(errno.EINVAL)
+        if a is b:
+            return
+        assert src_dir.entries is not None and dst_dir.entries is not None
+        src_dir.entries[old] = (b.ino, src_dir.entries[old][1])
+        dst_dir.entries[new] = (a.ino, dst_dir.entries[new][1])
+        self._reparent(a, src_dir, dst_dir)
+        self._reparent(b, dst_dir, src_dir)
+        self._touch(src_dir, dst_dir)
+        self._touch(a, b, mtime=False)
+
+    # --- attributes ---------------------------------------------------------
+    def setattr(self, ino: int, changes: Attrs) -> Inode:
+        inode = self.get(ino)
+        if changes.size is not None:
+            if inode.content is None:
+                raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
+            self._truncate(inode, changes.size)
+        if changes.mode is not None:
+            inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(changes.mode)
+        if changes.uid is not None:
+            inode.uid = changes.uid
+        if changes.gid is not None:
+            inode.gid = changes.gid
+        if changes.atime_ns is not None:
+            inode.atime_ns = changes.atime_ns
+        if changes.mtime_ns is not None:
+            inode.mtime_ns = changes.mtime_ns
+        inode.ctime_ns = self.clock()
+        return inode
+
+    def _truncate(self, inode: Inode, size: int) -> None:
+        assert inode.content is not None
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        if size != inode.content.size:
+            inode.content.truncate(size)
+            self._touch(inode)
+
+    # --- open files -----------------------------------------------------
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        self.get(handle.ino).opens += 1
+        return fh
+
+    def open(self, ino: int, flags: int) -> int:
+        inode = self.get(ino)
+        if inode.content is None:
+            raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
+        return self._new_handle(Handle(ino, flags))
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    def _file(self, fh: int) -> Inode:
+        return self.inodes[self.handle(fh).ino]
+
+    def read(self, fh: int, offset: int, length: int) -> Buffer:
+        inode = self._file(fh)
+        assert inode.content is not None
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        data = inode.content.read(offset, length)
+        self._access(inode)
+        return data
+
+    def _access(self, inode: Inode) -> None:
+        """relatime, as tmpfs mounts by default."""
+        now = self.clock()
+        if inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns) or now - inode.atime_ns >= DAY_NS:
+            inode.atime_ns = now
+
+    def write(self, fh: int, offset: int, data: Buffer) -> int:
+        inode = self._file(fh)
+        assert inode.content is not None
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        try:
+            written = inode.content.write(offset, data)
+        except NoSpace:
+            raise FsError(errno.ENOSPC) from None
+        self._touch(inode)
+        return written
+
+    def fsync(self, fh: int) -> None:
+        inode = self._file(fh)
+        assert inode.content is not None
+        inode.content.sync()
+
+    def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        inode = self.inodes[handle.ino]
+        inode.opens -= 1
+        assert inode.opens >= 0, f"open count underflow on inode {inode.ino}"
+        self._maybe_free(inode)
+
+    # --- directories ------------------------------------------------------
+    def opendir(self, ino: int) -> int:
+        self._dir(ino)
+        return self._new_handle(Handle(ino))
+
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Inode, int]]:
+        """(name, inode, cookie) after cookie ``start``, stable while the dir changes.
+
+        The listing is a snapshot taken when reading starts at 0; entries removed
+        since are skipped, entries added since appear after the next rewind.
+        """
+        handle = self.handle(fh)
+        directory = self._dir(handle.ino)
+        assert directory.entries is not None
+        if start == 0 or handle.listing is None:
+            handle.listing = [(cookie, name) for name, (_, cookie) in directory.entries.items()]
+        if start < 1:
+            yield b".", directory, 1
+        if start < 2:
+            yield b"..", self.inodes[directory.parent], 2
+        listing = handle.listing
+        for cookie, name in listing[bisect.bisect_right(listing, (start, b"\xff" * 256)) :]:
+            entry = directory.entries.get(name)
+            if entry is not None and entry[1] == cookie:
+                yield name, self.inodes[entry[0]], cookie
+        self._access(directory)
+
+    def releasedir(self, fh: int) -> None:
+        self.release(fh)
+
+    # --- extended attributes --------------------------------------------
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        prefix = next((p for p in XATTR_NAMESPACES if name.startswith(p)), None)
+        if prefix is None:
+            raise FsError(errno.EOPNOTSUPP)
+        if name == prefix:
+            raise FsError(errno.EINVAL)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ERANGE)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._check_xattr_name(name)
+        if len(value) > 65536:
+            raise FsError(errno.E2BIG)
+        inode = self.get(ino)
+        inode.xattrs[name] = value
+        self._touch(inode, mtime=False)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._check_xattr_name(name)
+        try:
+            return self.get(ino).xattrs[name]
+        except KeyError:
+            raise FsError(errno.ENODATA) from None
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return list(self.get(ino).xattrs)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._check_xattr_name(name)
+        inode = self.get(ino)
+        if inode.xattrs.pop(name, None) is None:
+            raise FsError(errno.ENODATA)
+        self._touch(inode, mtime=False)
+
+    # --- whole filesystem -------------------------------------------------
+    def inode_count(self) -> int:
+        return len(self.inodes)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the model's books do not balance."""
+        links: dict[int, int] = {ROOT_INO: 2}
+        for inode in self.inodes.values():
+            if inode.entries is None:
+                continue
+            for name, (child_ino, _) in inode.entries.items():
+                assert len(name) <= NAME_MAX and b"/" not in name and name not in (b".", b"..")
+                child = self.inodes[child_ino]
+                if child.is_dir:
+                    assert child.parent == inode.ino, (name, child.parent, inode.ino)
+                    links.setdefault(child_ino, 2)
+                    links[inode.ino] = links.get(inode.ino, 2) + 1
+                else:
+                    links[child_ino] = links.get(child_ino, 0) + 1
+            cookies = [cookie for _, cookie in inode.entries.values()]
+            assert cookies == sorted(cookies) and (not cookies or cookies[-1] < inode.next_cookie)
+        for inode in self.inodes.values():
+            assert inode.lookups >= 0 and inode.opens >= 0
+            assert inode.nlink == links.get(inode.ino, 0), (inode.ino, inode.nlink, links.get(inode.ino))
+            if inode.nlink == 0:
+                assert inode.lookups or inode.opens, f"inode {inode.ino} leaked"
+        open_counts: dict[int, int] = {}
+        for handle in self.handles.values():
+            open_counts[handle.ino] = open_counts.get(handle.ino, 0) + 1
+        for ino, count in open_counts.items():
+            assert self.inodes[ino].opens == count

@@ -1,0 +1,249 @@
+"""The pyfuse3 adapter: kernel requests in, model calls, replies out.
+
+This is a protocol adapter only.  Every handler converts pyfuse3's types, calls
+one synchronous method of the model (``fs.Filesystem``) and converts the
+result.  ``FsError`` becomes ``FUSEError``; any other exception is a bug in
+mmfs: it is logged with its traceback and answered with EIO, and the mount keeps
+serving.  Because no handler awaits in the middle of a model call, model
+mutations never interleave.
+
+Lookup counts are taken exactly where pyfuse3 documents them: entry replies of
+lookup, create, mknod, mkdir, symlink, link, and readdir entries accepted by
+``readdir_reply`` (never "." or "..").
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+
+from .arena import PAGE, Arena
+from .fs import Attrs, Filesystem, FsError, Inode
+
+log = logging.getLogger(__name__)
+
+# mmfs is the only writer of its files, so the kernel may cache names and
+# attributes for as long as it likes: every change goes through a request that
+# the kernel itself uses to invalidate what it cached.
+CACHE_TIMEOUT = 86400.0
+
+T = TypeVar("T")
+
+
+def handler(method: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """Run a synchronous handler; map model errors and contain bugs."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any) -> T:
+        try:
+            return method(*args)
+        except FsError as error:
+            raise pyfuse3.FUSEError(error.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in %s; answering EIO", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 handlers over one ``Filesystem`` and the ``Arena`` it stores in."""
+
+    enable_writeback_cache = False  # write-through keeps ENOSPC on write(2)
+
+    def __init__(self, fs: Filesystem, arena: Arena) -> None:
+        super().__init__()
+        self.fs = fs
+        self.arena = arena
+
+    def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode.ino
+        attr.generation = 0
+        attr.entry_timeout = CACHE_TIMEOUT
+        attr.attr_timeout = CACHE_TIMEOUT
+        attr.st_mode = inode.mode
+        attr.st_nlink = inode.nlink
+        attr.st_uid = inode.uid
+        attr.st_gid = inode.gid
+        attr.st_rdev = inode.rdev
+        attr.st_size = inode.size
+        attr.st_blksize = PAGE
+        attr.st_blocks = inode.blocks
+        attr.st_atime_ns = inode.atime_ns
+        attr.st_mtime_ns = inode.mtime_ns
+        attr.st_ctime_ns = inode.ctime_ns
+        return attr
+
+    # --- names ----------------------------------------------------------
+    @handler
+    def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.fs.lookup(parent, name)
+        if inode is not None:
+            return self.entry(inode)
+        negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
+        negative.st_ino = 0
+        negative.entry_timeout = CACHE_TIMEOUT
+        return negative
+
+    @handler
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.fs.forget(ino, count)
+
+    @handler
+    def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.entry(self.fs.get(ino))
+
+    @handler
+    def setattr(
+        self,
+        ino: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        changes = Attrs(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self.entry(self.fs.setattr(ino, changes))
+
+    @handler
+    def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(ino)
+
+    @handler
+    def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.entry(self.fs.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @handler
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.entry(self.fs.mkdir(parent, name, mode, ctx.uid, ctx.gid))
+
+    @handler
+    def symlink(
+        self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.entry(self.fs.symlink(parent, name, target, ctx.uid, ctx.gid))
+
+    @handler
+    def link(self, ino: int, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.entry(self.fs.link(ino, parent, name))
+
+    @handler
+    def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.unlink(parent, name)
+
+    @handler
+    def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.rmdir(parent, name)
+
+    @handler
+    def rename(
+        self, old_parent: int, old: bytes, new_parent: int, new: bytes, flags: int, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.fs.rename(old_parent, old, new_parent, new, flags)
+
+    # --- files ----------------------------------------------------------
+    @handler
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        inode = self.fs.create_file(parent, name, mode, ctx.uid, ctx.gid)
+        fh = self.fs.open(inode.ino, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(inode)
+
+    @handler
+    def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & os.O_TRUNC:  # the kernel sends O_TRUNC here (atomic_o_trunc)
+            self.fs.setattr(ino, Attrs(size=0, mtime_ns=self.fs.clock()))
+        return pyfuse3.FileInfo(fh=self.fs.open(ino, flags), keep_cache=True)
+
+    @handler
+    def read(self, fh: int, offset: int, size: int) -> Any:
+        return self.fs.read(fh, offset, size)
+
+    @handler
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return self.fs.write(fh, offset, data)
+
+    @handler
+    def flush(self, fh: int) -> None:
+        self.fs.handle(fh)
+
+    @handler
+    def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    @handler
+    def fsync(self, fh: int, datasync: bool) -> None:
+        self.fs.fsync(fh)
+
+    # --- directories ----------------------------------------------------
+    @handler
+    def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
+        return self.fs.opendir(ino)
+
+    @handler
+    def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, inode, cookie in self.fs.readdir(fh, start):
+            if not pyfuse3.readdir_reply(token, name, self.entry(inode), cookie):
+                return
+            if name not in (b".", b".."):
+                self.fs.remember(inode)
+
+    @handler
+    def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    @handler
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.fs.handle(fh)
+
+    # --- extended attributes --------------------------------------------
+    @handler
+    def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.setxattr(ino, name, value)
+
+    @handler
+    def getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.getxattr(ino, name)
+
+    @handler
+    def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.fs.listxattr(ino)
+
+    @handler
+    def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.removexattr(ino, name)
+
+    # --- whole filesystem -------------------------------------------------
+    @handler
+    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = PAGE
+        if self.arena.page_limit:
+            data.f_blocks = self.arena.page_limit
+            data.f_bfree = data.f_bavail = self.arena.pages_free()
+        limit = self.fs.config.max_inodes
+        if limit:
+            data.f_files = limit
+            data.f_ffree = data.f_favail = max(0, limit - self.fs.inode_count())
+        data.f_namemax = 255
+        return data
+

@@ -1,0 +1,107 @@
+"""Mount lifecycle: build the filesystem, mount it, serve until unmounted.
+
+``pyfuse3.init`` mounts; ``trio.run`` serves requests until the kernel ends the
+session (umount, ``fusermount3 -u``) or SIGINT/SIGTERM calls
+``pyfuse3.terminate()``; ``pyfuse3.close(unmount=True)`` then makes sure the
+mount is gone.  All of it runs on the daemon's single thread.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .arena import Arena
+from .content import AnonContent
+from .fs import Filesystem, FsConfig
+from .fuse_ops import Operations
+from .options import MountConfig, UsageError
+
+log = logging.getLogger(__name__)
+
+# Virtual address space for the arena: free until touched, and enough slots for
+# millions of small files whatever size= says.
+MIN_RESERVATION = 1 << 40
+
+
+def check_mountpoint(path: str) -> None:
+    """One clear line for the usual mistakes, before anything is mounted."""
+    if not os.path.exists(path):
+        raise UsageError(f"mountpoint does not exist: {path}")
+    if not os.path.isdir(path):
+        raise UsageError(f"mountpoint is not a directory: {path}")
+    if is_mmfs_mount(path):
+        raise UsageError(f"already mounted: {path}")
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse is missing: is the fuse kernel module loaded?")
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as error:
+        raise UsageError(f"cannot open /dev/fuse: {error.strerror}") from None
+
+
+def is_mmfs_mount(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:
+            fields = line.split()
+            target = fields[1].encode().decode("unicode_escape")
+            if target == real and fields[2] == "fuse.mmfs":
+                return True
+    return False
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(config.fuse_options) | {"default_permissions", "subtype=mmfs", f"fsname={config.source}"}
+    if config.debug:
+        options.add("debug")
+    if os.geteuid() == 0:  # like a kernel tmpfs mount, unless told otherwise
+        options |= {"suid"} if "nosuid" not in options else set()
+        options |= {"dev"} if "nodev" not in options else set()
+    return options
+
+
+def build(config: MountConfig) -> Operations:
+    """The filesystem a config describes, ready to mount."""
+    if config.lowerdir is not None:
+        raise UsageError("overlay mode (lowerdir=) is not available yet")
+    arena = Arena(max(MIN_RESERVATION, 2 * config.size), config.size // os.sysconf("SC_PAGE_SIZE"))
+    fs = Filesystem(
+        lambda: AnonContent(arena),
+        FsConfig(max_inodes=config.nr_inodes, root_mode=config.mode, root_uid=config.uid, root_gid=config.gid),
+    )
+    return Operations(fs, arena)
+
+
+def serve(config: MountConfig, ready: Callable[[], None]) -> None:
+    """Mount, call ``ready()``, and serve until the mount ends."""
+    operations = build(config)
+    pyfuse3.init(operations, config.mountpoint, fuse_options(config))
+    ready()
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1)
+    try:
+        trio.run(_serve_until_stopped)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+async def _serve_until_stopped() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,165 @@
+"""Command line and ``-o`` option parsing into one typed ``MountConfig``.
+
+Pure functions: nothing here touches the mountpoint or the kernel.  Every
+problem is a ``UsageError`` whose message is the single line the user sees.
+Options have kernel tmpfs's names and meanings; FUSE's own are passed through;
+anything else is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# Generic mount flags that mount(8) and fstab may hand to a helper; libfuse
+# applies them to the mount itself.
+MOUNT_FLAGS = frozenset(
+    "rw ro suid nosuid dev nodev exec noexec async sync dirsync atime noatime diratime "
+    "nodiratime relatime norelatime strictatime nostrictatime lazytime nolazytime".split()
+)
+# Options that mount(8) uses itself and may still pass along: accepted, no effect.
+IGNORED = frozenset("auto noauto user nouser users _netdev nofail defaults".split())
+SUFFIXES = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+class UsageError(Exception):
+    """A bad invocation; ``str()`` is the one line to print."""
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    source: str = "mmfs"
+    lowerdir: Optional[str] = None
+    size: int = 0  # bytes; 0 = unlimited
+    nr_inodes: int = 0  # 0 = unlimited
+    mode: int = 0o1777
+    uid: int = 0
+    gid: int = 0
+    foreground: bool = False
+    debug: bool = False
+    fuse_options: set[str] = field(default_factory=set)
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * PAGE
+
+
+def parse_number(text: str, name: str) -> int:
+    """A count with an optional k/m/g/t/p/e suffix (powers of 1024), as tmpfs."""
+    match = re.fullmatch(r"(\d+)([kmgtpe]?)", text.lower())
+    if not match:
+        raise UsageError(f"bad value for {name}: {text!r}")
+    return int(match.group(1)) << SUFFIXES[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """``size=``: bytes with suffix, or N% of RAM; rounded up to whole pages."""
+    if text.endswith("%"):
+        percent = parse_number(text[:-1], "size")
+        size = ram_bytes() * percent // 100
+    else:
+        size = parse_number(text, "size")
+    return -(-size // PAGE) * PAGE
+
+
+def parse_octal(text: str, name: str) -> int:
+    if not re.fullmatch(r"[0-7]{1,4}", text):
+        raise UsageError(f"bad value for {name}: {text!r}")
+    return int(text, 8)
+
+
+def parse_id(text: str, name: str) -> int:
+    if not re.fullmatch(r"\d+", text) or int(text) >= 2**32 - 1:
+        raise UsageError(f"bad value for {name}: {text!r}")
+    return int(text)
+
+
+def apply_option(config: MountConfig, option: str) -> None:
+    """Apply one ``-o`` item to ``config``."""
+    name, has_value, value = option.partition("=")
+    if not has_value:
+        if name in MOUNT_FLAGS or name == "allow_other":
+            config.fuse_options.add(name)
+        elif name == "debug":
+            config.debug = True
+        elif name not in IGNORED and name != "default_permissions":
+            raise UsageError(f"unknown option: {option!r}")
+        return
+    if name == "size":
+        config.size = parse_size(value)
+    elif name == "nr_inodes":
+        config.nr_inodes = parse_number(value, name)
+    elif name == "mode":
+        config.mode = parse_octal(value, name)
+    elif name == "uid":
+        config.uid = parse_id(value, name)
+    elif name == "gid":
+        config.gid = parse_id(value, name)
+    elif name == "lowerdir":
+        if not value:
+            raise UsageError("bad value for lowerdir: ''")
+        config.lowerdir = value
+    elif name == "fsname":
+        if not value or "," in value:
+            raise UsageError(f"bad value for fsname: {value!r}")
+        config.source = value
+    else:
+        raise UsageError(f"unknown option: {option!r}")
+
+
+def default_config(mountpoint: str) -> MountConfig:
+    """tmpfs's defaults: half of RAM, half as many inodes as RAM pages."""
+    ram = ram_bytes()
+    return MountConfig(mountpoint=mountpoint, size=ram // 2 // PAGE * PAGE, nr_inodes=ram // PAGE // 2)
+
+
+USAGE = """usage: mmfs tmpfs MOUNTPOINT [-o OPTIONS] [-f] [--debug]
+       mmfs overlay LOWERDIR MOUNTPOINT [-o OPTIONS] [-f] [--debug]
+       mmfs SOURCE MOUNTPOINT [-o OPTIONS]      (as run by mount -t fuse.mmfs)
+
+options: size=BYTES[k|m|g|%], nr_inodes=N, mode=OCTAL, uid=N, gid=N, lowerdir=DIR,
+         allow_other, ro, fsname=NAME, debug"""
+
+
+def parse_args(argv: list[str]) -> MountConfig:
+    """Parse ``mmfs`` arguments (without the program name) into a config."""
+    positional: list[str] = []
+    options: list[str] = []
+    foreground = debug = False
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            raise UsageError(USAGE)
+        if arg == "-o":
+            value = next(args, None)
+            if value is None:
+                raise UsageError("option -o needs a value")
+            options.extend(item for item in value.split(",") if item)
+        elif arg.startswith("-o") and len(arg) > 2:
+            options.extend(item for item in arg[2:].split(",") if item)
+        elif arg == "-f":
+            foreground = True
+        elif arg in ("-d", "--debug"):
+            debug = True
+        elif arg.startswith("-") and arg != "-":
+            raise UsageError(f"unknown argument: {arg!r}")
+        else:
+            positional.append(arg)
+    if len(positional) == 3 and positional[0] == "overlay":
+        source, lowerdir, mountpoint = positional
+    elif len(positional) == 2:
+        (source, mountpoint), lowerdir = positional, None
+    else:
+        raise UsageError("expected: mmfs tmpfs MOUNTPOINT or mmfs overlay LOWERDIR MOUNTPOINT (see --help)")
+    config = default_config(mountpoint)
+    config.source, config.lowerdir = source, lowerdir
+    for option in options:
+        apply_option(config, option)
+    config.foreground = foreground
+    config.debug = config.debug or debug
+    return config
