@@ -1,0 +1,174 @@
+"""Model and storage tests without FUSE: milliseconds each, invariants checked after every test."""
+
+from __future__ import annotations
+
+import ast
+import errno
+import stat
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mmfs.arena import PAGE, SLOT, Arena
+from mmfs.content import AnonContent
+from mmfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Attrs, Filesystem, FsConfig, FsError
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def arena() -> Arena:
+    return Arena(256 * MiB, page_limit=(16 * MiB) // PAGE)
+
+
+@pytest.fixture
+def fs(arena: Arena) -> Iterator[Filesystem]:
+    filesystem = Filesystem(lambda: AnonContent(arena), FsConfig(max_inodes=100))
+    yield filesystem
+    filesystem.check_invariants()
+
+
+def errno_of(call: object, *args: object) -> int:
+    with pytest.raises(FsError) as info:
+        call(*args)  # type: ignore[operator]
+    return info.value.errno
+
+
+def test_content_holes_read_zero_and_hold_nothing(arena: Arena) -> None:
+    content = AnonContent(arena)
+    content.write(10 * SLOT + 5, b"xyz")
+    assert content.size == 10 * SLOT + 8
+    assert content.pages == 1 and arena.pages_held == 1
+    assert bytes(content.read(0, 16)) == bytes(16)
+    assert bytes(content.read(10 * SLOT, 8)) == b"\0" * 5 + b"xyz"
+
+
+def test_content_write_across_slots_and_partial_pages(arena: Arena) -> None:
+    content = AnonContent(arena)
+    data = bytes(range(256)) * 1000
+    content.write(SLOT - 100, data)
+    assert bytes(content.read(SLOT - 100, len(data))) == data
+    assert bytes(content.read(0, SLOT - 100)) == bytes(SLOT - 100)
+    content.write(3 * PAGE, b"a")  # page inside a slot with other pages unheld
+    assert bytes(content.read(3 * PAGE - 1, 3)) == b"\0a\0"
+
+
+def test_truncate_down_zeroes_tail_and_frees_pages(arena: Arena) -> None:
+    content = AnonContent(arena)
+    content.write(0, b"x" * (3 * SLOT))
+    assert arena.pages_held == 3 * SLOT // PAGE
+    content.truncate(PAGE + 10)
+    assert arena.pages_held == 2 and content.pages == 2
+    content.truncate(3 * PAGE)
+    assert bytes(content.read(0, 3 * PAGE)) == b"x" * (PAGE + 10) + bytes(2 * PAGE - 10)
+    content.release()
+    assert arena.pages_held == 0 and arena.slots_in_use() == 0
+
+
+def test_write_at_limit_is_short_then_enospc(arena: Arena) -> None:
+    content = AnonContent(arena)
+    limit = arena.page_limit * PAGE
+    assert content.write(0, b"a" * (limit - PAGE)) == limit - PAGE
+    assert content.write(limit - PAGE, b"b" * (2 * PAGE)) == PAGE
+    with pytest.raises(OSError) as info:
+        content.write(limit, b"c")
+    assert info.value.errno == errno.ENOSPC
+    content.write(0, b"z" * 100)  # overwriting held pages needs no new space
+    assert bytes(content.read(limit - 1, 10)) == b"b"
+
+
+def test_namespace_basics(fs: Filesystem) -> None:
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    f = fs.create_file(d.ino, b"f", 0o644, 0, 0)
+    assert fs.get(ROOT_INO).nlink == 3 and d.nlink == 2
+    assert errno_of(fs.mkdir, d.ino, b"f", 0o755, 0, 0) == errno.EEXIST
+    assert errno_of(fs.rmdir, ROOT_INO, b"d") == errno.ENOTEMPTY
+    assert errno_of(fs.unlink, ROOT_INO, b"d") == errno.EISDIR
+    assert errno_of(fs.lookup, ROOT_INO, b"x" * 256) == errno.ENAMETOOLONG
+    fs.link(f.ino, ROOT_INO, b"g")
+    assert f.nlink == 2
+    fs.unlink(d.ino, b"f")
+    fs.rmdir(ROOT_INO, b"d")
+    assert fs.get(ROOT_INO).nlink == 2 and d.nlink == 0
+
+
+def test_rename_rules(fs: Filesystem) -> None:
+    a = fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    b = fs.mkdir(a.ino, b"b", 0o755, 0, 0)
+    fs.create_file(ROOT_INO, b"f", 0o644, 0, 0)
+    assert errno_of(fs.rename, ROOT_INO, b"a", b.ino, b"x", 0) == errno.EINVAL
+    assert errno_of(fs.rename, ROOT_INO, b"f", ROOT_INO, b"a", 0) == errno.EISDIR
+    assert errno_of(fs.rename, ROOT_INO, b"a", ROOT_INO, b"f", 0) == errno.ENOTDIR
+    assert errno_of(fs.rename, ROOT_INO, b"f", ROOT_INO, b"a", RENAME_NOREPLACE) == errno.EEXIST
+    assert errno_of(fs.rename, ROOT_INO, b"f", ROOT_INO, b"nope", RENAME_EXCHANGE) == errno.ENOENT
+    fs.rename(ROOT_INO, b"f", a.ino, b"b", RENAME_EXCHANGE)
+    assert fs.lookup(ROOT_INO, b"f") is b and b.parent == ROOT_INO
+    assert a.nlink == 2 and fs.get(ROOT_INO).nlink == 4
+    empty = fs.mkdir(ROOT_INO, b"e", 0o755, 0, 0)
+    fs.rename(ROOT_INO, b"f", ROOT_INO, b"e", 0)  # over an empty directory
+    assert empty.nlink == 0 and fs.get(ROOT_INO).nlink == 4
+
+
+def test_unlinked_open_file_lives_until_release(fs: Filesystem, arena: Arena) -> None:
+    f = fs.create_file(ROOT_INO, b"f", 0o644, 0, 0)
+    fh = fs.open(f.ino, 0)
+    fs.write(fh, 0, b"data" * 2000)
+    fs.unlink(ROOT_INO, b"f")
+    assert bytes(fs.read(fh, 0, 4)) == b"data"
+    fs.forget(f.ino, f.lookups)
+    assert f.ino in fs.inodes and arena.pages_held == 2
+    fs.release(fh)
+    assert f.ino not in fs.inodes and arena.pages_held == 0
+
+
+def test_readdir_cookies_stable_while_directory_changes(fs: Filesystem) -> None:
+    for i in range(10):
+        fs.create_file(ROOT_INO, b"f%d" % i, 0o644, 0, 0)
+    fh = fs.opendir(ROOT_INO)
+    first = list(fs.readdir(fh, 0))[:5]
+    fs.unlink(ROOT_INO, b"f5")
+    fs.create_file(ROOT_INO, b"new", 0o644, 0, 0)
+    rest = [name for name, _, _ in fs.readdir(fh, first[-1][2])]
+    assert [name for name, _, _ in first] == [b".", b"..", b"f0", b"f1", b"f2"]
+    assert rest == [b"f3", b"f4", b"f6", b"f7", b"f8", b"f9"]
+    fs.releasedir(fh)
+
+
+def test_setgid_directory_inheritance(fs: Filesystem) -> None:
+    d = fs.mkdir(ROOT_INO, b"d", 0o2775, 0, 42)
+    fs.setattr(d.ino, Attrs(mode=0o2775))
+    sub = fs.mkdir(d.ino, b"sub", 0o755, 7, 7)
+    f = fs.create_file(d.ino, b"f", 0o644, 7, 7)
+    assert sub.gid == 42 and sub.mode & stat.S_ISGID
+    assert f.gid == 42 and not f.mode & stat.S_ISGID
+
+
+def test_inode_limit(arena: Arena) -> None:
+    fs = Filesystem(lambda: AnonContent(arena), FsConfig(max_inodes=3))
+    fs.create_file(ROOT_INO, b"a", 0o644, 0, 0)
+    fs.create_file(ROOT_INO, b"b", 0o644, 0, 0)
+    assert errno_of(fs.create_file, ROOT_INO, b"c", 0o644, 0, 0) == errno.ENOSPC
+    fs.unlink(ROOT_INO, b"a")
+    fs.forget(2, 1)
+    fs.create_file(ROOT_INO, b"c", 0o644, 0, 0)
+
+
+def test_xattr_rules(fs: Filesystem) -> None:
+    f = fs.create_file(ROOT_INO, b"f", 0o644, 0, 0)
+    assert errno_of(fs.setxattr, f.ino, b"foo.x", b"") == errno.EOPNOTSUPP
+    assert errno_of(fs.setxattr, f.ino, b"user.", b"") == errno.EINVAL
+    assert errno_of(fs.getxattr, f.ino, b"user.none") == errno.ENODATA
+    fs.setxattr(f.ino, b"user.a", b"1")
+    assert fs.listxattr(f.ino) == [b"user.a"]
+    fs.removexattr(f.ino, b"user.a")
+    assert errno_of(fs.removexattr, f.ino, b"user.a") == errno.ENODATA
+
+
+def test_model_and_storage_do_not_import_fuse_or_trio() -> None:
+    package = Path(__file__).resolve().parent.parent / "mmfs"
+    for module in ("fs.py", "content.py", "arena.py", "options.py"):
+        tree = ast.parse((package / module).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {"pyfuse3", "trio"}, module
