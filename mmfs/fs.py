@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Protocol
 
 from .arena import PAGE, NoSpace
-from .content import AnonContent, Buffer
+from .content import Buffer
+from .lower import LowerEntry
 
 ROOT_INO = 1
 NAME_MAX = 255
@@ -53,7 +54,16 @@ class Content(Protocol):
     def write(self, offset: int, data: Buffer) -> int: ...
     def truncate(self, size: int) -> None: ...
     def release(self) -> None: ...
+    def closed(self) -> None: ...
     def sync(self) -> None: ...
+
+
+class Lower(Protocol):
+    """The backing directory of an overlay (see lower.py)."""
+
+    root: LowerEntry
+
+    def list(self, path: bytes) -> list[LowerEntry]: ...
 
 
 @dataclass
@@ -61,9 +71,9 @@ class FsConfig:
     """Mount-wide settings that the model enforces."""
 
     max_inodes: int = 0  # 0 = unlimited
-    root_mode: int = 0o1777
-    root_uid: int = 0
-    root_gid: int = 0
+    root_mode: Optional[int] = None  # None: 1777, or the lower root's
+    root_uid: Optional[int] = None
+    root_gid: Optional[int] = None
 
 
 @dataclass(eq=False)
@@ -87,6 +97,10 @@ class Inode:
     next_cookie: int = 3  # dirs: 1 and 2 are "." and ".."
     target: bytes = b""  # symlinks
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    lower: Optional[bytes] = None  # dirs: backing directory not listed yet
+    hidden_links: int = 0  # backing names of this inode not listed yet
+    counted: bool = True  # counts against nr_inodes (lower inodes do not)
+    lower_key: Optional[tuple[int, int]] = None  # (st_dev, st_ino) of a hard-linked lower file
 
     @property
     def is_dir(self) -> bool:
@@ -135,27 +149,89 @@ class Filesystem:
         new_content: Callable[[], Content],
         config: FsConfig,
         clock: Callable[[], int] = time.time_ns,
+        lower: Optional[Lower] = None,
+        lower_content: Optional[Callable[[LowerEntry], Content]] = None,
     ) -> None:
         self.new_content = new_content
         self.config = config
         self.clock = clock
+        self.lower = lower
+        self.lower_content = lower_content
         self.inodes: dict[int, Inode] = {}
         self.handles: dict[int, Handle] = {}
+        self.counted_inodes = 0
+        self._lower_links: dict[tuple[int, int], Inode] = {}
         self._next_ino = ROOT_INO
         self._next_fh = 1
-        root = self._new_inode(stat.S_IFDIR | config.root_mode, config.root_uid, config.root_gid)
+        root = self._new_inode(stat.S_IFDIR | 0o1777, 0, 0)
         root.entries, root.parent, root.nlink = {}, ROOT_INO, 2
         root.lookups = 1  # pinned: the kernel never forgets the root
+        if lower is not None:
+            self._copy_lower_attrs(root, lower.root)
+            root.lower = b""
+        for name in ("mode", "uid", "gid"):
+            value = getattr(config, "root_" + name)
+            if value is not None:
+                setattr(root, name, stat.S_IFDIR | value if name == "mode" else value)
 
     # --- inode table ------------------------------------------------------
-    def _new_inode(self, mode: int, uid: int, gid: int) -> Inode:
+    def _new_inode(self, mode: int, uid: int, gid: int, counted: bool = True) -> Inode:
         limit = self.config.max_inodes
-        if limit and len(self.inodes) >= limit:
+        if counted and limit and self.counted_inodes >= limit:
             raise FsError(errno.ENOSPC)
         now = self.clock()
-        inode = Inode(self._next_ino, mode, uid, gid, now, now, now)
+        inode = Inode(self._next_ino, mode, uid, gid, now, now, now, counted=counted)
         self.inodes[inode.ino] = inode
+        self.counted_inodes += counted
         self._next_ino += 1
+        return inode
+
+    # --- the backing directory (overlay mode) -------------------------------
+    @staticmethod
+    def _copy_lower_attrs(inode: Inode, entry: LowerEntry) -> None:
+        st = entry.st
+        inode.mode, inode.uid, inode.gid, inode.rdev = st.st_mode, st.st_uid, st.st_gid, st.st_rdev
+        inode.atime_ns, inode.mtime_ns, inode.ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        inode.target, inode.xattrs = entry.target, dict(entry.xattrs or {})
+
+    def entries(self, directory: Inode) -> dict[bytes, tuple[int, int]]:
+        """A directory's entries, listing its backing directory the first time."""
+        assert directory.entries is not None
+        if directory.lower is not None:
+            path, directory.lower = directory.lower, None
+            assert self.lower is not None
+            for entry in self.lower.list(path):
+                self._link_entry(directory, entry.name, self._lower_inode(entry, directory))
+        return directory.entries
+
+    def _lower_inode(self, entry: LowerEntry, parent: Inode) -> Inode:
+        st = entry.st
+        key = (st.st_dev, st.st_ino)
+        known = self._lower_links.get(key)
+        if known is not None and not stat.S_ISDIR(st.st_mode):
+            if known.hidden_links:
+                known.hidden_links -= 1
+            else:
+                known.nlink += 1
+            return known
+        inode = self._new_inode(st.st_mode, st.st_uid, st.st_gid, counted=False)
+        self._copy_lower_attrs(inode, entry)
+        if stat.S_ISDIR(st.st_mode):
+            inode.entries, inode.parent, inode.nlink, inode.lower = {}, parent.ino, 2, entry.path
+            parent.nlink += 1
+        elif stat.S_ISREG(st.st_mode):
+            assert self.lower_content is not None
+            inode.content = self.lower_content(entry)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            inode.nlink, inode.hidden_links = st.st_nlink, st.st_nlink - 1
+            inode.lower_key = key
+            self._lower_links[key] = inode
+        return inode
+
+    def loaded(self, inode: Inode) -> Inode:
+        """The inode with its directory listed (its size counts its entries)."""
+        if inode.lower is not None:
+            self.entries(inode)
         return inode
 
     def get(self, ino: int) -> Inode:
@@ -168,6 +244,7 @@ class Filesystem:
         inode = self.get(ino)
         if inode.entries is None:
             raise FsError(errno.ENOTDIR)
+        self.entries(inode)
         return inode
 
     def _maybe_free(self, inode: Inode) -> None:
@@ -175,6 +252,9 @@ class Filesystem:
             return
         if inode.content is not None:
             inode.content.release()
+        if inode.lower_key is not None:
+            del self._lower_links[inode.lower_key]
+        self.counted_inodes -= inode.counted
         del self.inodes[inode.ino]
 
     def remember(self, inode: Inode) -> Inode:
@@ -313,7 +393,7 @@ class Filesystem:
             raise FsError(errno.ENOTDIR)
         if name == b".." or child.ino == ROOT_INO:
             raise FsError(errno.ENOTEMPTY if name == b".." else errno.EBUSY)
-        if child.entries:
+        if self.entries(child):
             raise FsError(errno.ENOTEMPTY)
         self._drop_entry(parent, name, child)
 
@@ -361,7 +441,7 @@ class Filesystem:
                 raise FsError(errno.ENOTDIR)
             if target.is_dir and not moved.is_dir:
                 raise FsError(errno.EISDIR)
-            if target.entries:
+            if target.is_dir and self.entries(target):
                 raise FsError(errno.ENOTEMPTY)
             self._drop_entry(dst_dir, new, target)
         assert src_dir.entries is not None
@@ -478,6 +558,8 @@ class Filesystem:
         inode = self.inodes[handle.ino]
         inode.opens -= 1
         assert inode.opens >= 0, f"open count underflow on inode {inode.ino}"
+        if inode.opens == 0 and inode.content is not None:
+            inode.content.closed()
         self._maybe_free(inode)
 
     # --- directories ------------------------------------------------------
@@ -548,7 +630,8 @@ class Filesystem:
 
     # --- whole filesystem -------------------------------------------------
     def inode_count(self) -> int:
-        return len(self.inodes)
+        """Inodes counted against nr_inodes (not those of the backing directory)."""
+        return self.counted_inodes
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the model's books do not balance."""
@@ -569,7 +652,8 @@ class Filesystem:
             assert cookies == sorted(cookies) and (not cookies or cookies[-1] < inode.next_cookie)
         for inode in self.inodes.values():
             assert inode.lookups >= 0 and inode.opens >= 0
-            assert inode.nlink == links.get(inode.ino, 0), (inode.ino, inode.nlink, links.get(inode.ino))
+            expected = links.get(inode.ino, 0) + inode.hidden_links
+            assert inode.nlink == expected, (inode.ino, inode.nlink, expected)
             if inode.nlink == 0:
                 assert inode.lookups or inode.opens, f"inode {inode.ino} leaked"
         open_counts: dict[int, int] = {}

@@ -64,6 +64,7 @@ class Operations(pyfuse3.Operations):
         self.arena = arena
 
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        self.fs.loaded(inode)  # a directory's size counts its entries
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode.ino
         attr.generation = 0

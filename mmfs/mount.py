@@ -11,6 +11,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import resource
 import signal
 from typing import Callable
 
@@ -18,9 +19,10 @@ import pyfuse3
 import trio
 
 from .arena import Arena
-from .content import AnonContent
+from .content import AnonContent, CowContent
 from .fs import Filesystem, FsConfig
 from .fuse_ops import Operations
+from .lower import LowerDir, LowerEntry
 from .options import MountConfig, UsageError
 
 log = logging.getLogger(__name__)
@@ -67,16 +69,36 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
+def open_lower(path: str) -> LowerDir:
+    """The backing directory, or one clear line saying what is wrong with it."""
+    try:
+        return LowerDir(path)
+    except OSError as error:
+        raise UsageError(f"lowerdir {path}: {error.strerror}") from None
+
+
 def build(config: MountConfig) -> Operations:
     """The filesystem a config describes, ready to mount."""
-    if config.lowerdir is not None:
-        raise UsageError("overlay mode (lowerdir=) is not available yet")
     arena = Arena(max(MIN_RESERVATION, 2 * config.size), config.size // os.sysconf("SC_PAGE_SIZE"))
-    fs = Filesystem(
-        lambda: AnonContent(arena),
-        FsConfig(max_inodes=config.nr_inodes, root_mode=config.mode, root_uid=config.uid, root_gid=config.gid),
-    )
+    settings = FsConfig(max_inodes=config.nr_inodes, root_mode=config.mode, root_uid=config.uid, root_gid=config.gid)
+    if config.lowerdir is None:
+        return Operations(Filesystem(lambda: AnonContent(arena), settings), arena)
+    lower = open_lower(config.lowerdir)
+    raise_fd_limit()
+
+    def lower_content(entry: LowerEntry) -> CowContent:
+        path = entry.path
+        return CowContent(arena, lambda: lower.open(path), entry.st.st_size, entry.st.st_blocks)
+
+    fs = Filesystem(lambda: AnonContent(arena), settings, lower=lower, lower_content=lower_content)
     return Operations(fs, arena)
+
+
+def raise_fd_limit() -> None:
+    """Each privately mapped backing file holds a descriptor: allow as many as we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def serve(config: MountConfig, ready: Callable[[], None]) -> None:

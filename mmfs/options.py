@@ -37,9 +37,9 @@ class MountConfig:
     lowerdir: Optional[str] = None
     size: int = 0  # bytes; 0 = unlimited
     nr_inodes: int = 0  # 0 = unlimited
-    mode: int = 0o1777
-    uid: int = 0
-    gid: int = 0
+    mode: Optional[int] = None  # None: 1777 (tmpfs) or as LOWERDIR (overlay)
+    uid: Optional[int] = None
+    gid: Optional[int] = None
     foreground: bool = False
     debug: bool = False
     fuse_options: set[str] = field(default_factory=set)
