@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import bisect
 import errno
+import logging
 import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Protocol
 
 from .arena import PAGE, NoSpace
 from .content import Buffer
 from .lower import LowerEntry
+
+log = logging.getLogger(__name__)
 
 ROOT_INO = 1
 NAME_MAX = 255
@@ -42,6 +46,19 @@ class FsError(Exception):
     def __init__(self, err: int) -> None:
         super().__init__(err, errno.errorcode.get(err, str(err)))
         self.errno = err
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Storage failures as errnos: a full arena is ENOSPC; a backing file or
+    directory that changed or vanished underneath an overlay is EIO."""
+    try:
+        yield
+    except NoSpace:
+        raise FsError(errno.ENOSPC) from None
+    except OSError as error:
+        log.warning("backing storage failed, answering EIO: %s", error)
+        raise FsError(errno.EIO) from None
 
 
 class Content(Protocol):
@@ -198,9 +215,11 @@ class Filesystem:
         """A directory's entries, listing its backing directory the first time."""
         assert directory.entries is not None
         if directory.lower is not None:
-            path, directory.lower = directory.lower, None
             assert self.lower is not None
-            for entry in self.lower.list(path):
+            with storage_errors():
+                listing = self.lower.list(directory.lower)
+            directory.lower = None
+            for entry in listing:
                 self._link_entry(directory, entry.name, self._lower_inode(entry, directory))
         return directory.entries
 
@@ -495,7 +514,8 @@ class Filesystem:
         if size < 0:
             raise FsError(errno.EINVAL)
         if size != inode.content.size:
-            inode.content.truncate(size)
+            with storage_errors():
+                inode.content.truncate(size)
             self._touch(inode)
 
     # --- open files -----------------------------------------------------
@@ -526,7 +546,8 @@ class Filesystem:
         assert inode.content is not None
         if offset < 0:
             raise FsError(errno.EINVAL)
-        data = inode.content.read(offset, length)
+        with storage_errors():
+            data = inode.content.read(offset, length)
         self._access(inode)
         return data
 
@@ -541,17 +562,16 @@ class Filesystem:
         assert inode.content is not None
         if offset < 0:
             raise FsError(errno.EINVAL)
-        try:
+        with storage_errors():
             written = inode.content.write(offset, data)
-        except NoSpace:
-            raise FsError(errno.ENOSPC) from None
         self._touch(inode)
         return written
 
     def fsync(self, fh: int) -> None:
         inode = self._file(fh)
         assert inode.content is not None
-        inode.content.sync()
+        with storage_errors():
+            inode.content.sync()
 
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)

@@ -172,3 +172,69 @@ def test_model_and_storage_do_not_import_fuse_or_trio() -> None:
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & {"pyfuse3", "trio"}, module
+
+
+def overlay_fs(tmp_path: Path, arena: Arena) -> Filesystem:
+    from mmfs.content import CowContent
+    from mmfs.lower import LowerDir
+
+    lower = LowerDir(str(tmp_path / "lower"))
+
+    def lower_content(entry):  # type: ignore[no-untyped-def]
+        return CowContent(arena, lambda: lower.open(entry.path), entry.st.st_size, entry.st.st_blocks)
+
+    return Filesystem(lambda: AnonContent(arena), FsConfig(), lower=lower, lower_content=lower_content)
+
+
+@pytest.fixture
+def lower_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "lower"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "f").write_bytes(b"lower data" * 100_000)
+    (root / "small").write_bytes(b"tiny")
+    (root / "b" / "link").hardlink_to(root / "a" / "f")
+    (root / "sym").symlink_to("/etc/shadow")
+    return root
+
+
+def test_overlay_loads_directories_lazily_and_keeps_hard_links_one_inode(
+    tmp_path: Path, arena: Arena, lower_tree: Path
+) -> None:
+    fs = overlay_fs(tmp_path, arena)
+    assert fs.get(ROOT_INO).lower == b""  # nothing listed at mount time
+    a = fs.lookup(ROOT_INO, b"a")
+    assert a is not None and a.lower == b"a"
+    f = fs.lookup(a.ino, b"f")
+    assert f is not None and f.nlink == 2 and f.hidden_links == 1
+    b = fs.lookup(ROOT_INO, b"b")
+    assert b is not None and fs.lookup(b.ino, b"link") is f and f.hidden_links == 0
+    assert fs.readlink(fs.lookup(ROOT_INO, b"sym").ino) == b"/etc/shadow"  # type: ignore[union-attr]
+    fs.check_invariants()
+
+
+def test_overlay_copy_on_write_changes_only_the_view(tmp_path: Path, arena: Arena, lower_tree: Path) -> None:
+    fs = overlay_fs(tmp_path, arena)
+    a = fs.lookup(ROOT_INO, b"a")
+    f = fs.lookup(a.ino, b"f")  # type: ignore[union-attr]
+    assert f is not None
+    fh = fs.open(f.ino, 0)
+    fs.write(fh, 500_000, b"NEW")
+    assert arena.pages_held == 1  # one page copied, not the file
+    assert bytes(fs.read(fh, 499_998, 7)) == b"taNEWer"
+    fs.setattr(f.ino, Attrs(size=10))
+    fs.setattr(f.ino, Attrs(size=20))
+    assert bytes(fs.read(fh, 0, 100)) == b"lower data" + bytes(10)
+    assert arena.pages_held == 0
+    fs.release(fh)
+    small = fs.lookup(ROOT_INO, b"small")
+    assert small is not None
+    fh = fs.open(small.ino, 0)
+    fs.write(fh, 4, b"!")
+    assert bytes(fs.read(fh, 0, 10)) == b"tiny!"
+    fs.release(fh)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"renamed", 0)
+    assert errno_of(fs.rmdir, ROOT_INO, b"renamed") == errno.ENOTEMPTY
+    assert (lower_tree / "a" / "f").read_bytes() == b"lower data" * 100_000
+    assert (lower_tree / "small").read_bytes() == b"tiny"
+    fs.check_invariants()
