@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Protocol
 
+from . import acl
 from .arena import PAGE, NoSpace
 from .content import Buffer
 from .lower import LowerEntry
@@ -36,6 +37,7 @@ NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+SHORT_SYMLINK = 128  # tmpfs keeps shorter targets in the inode, longer ones in a page
 DAY_NS = 86400 * 10**9
 BOGO_DIRENT_SIZE = 20  # tmpfs counts a directory's size as 20 bytes an entry
 
@@ -134,7 +136,9 @@ class Inode:
     @property
     def blocks(self) -> int:
         """512-byte blocks really held, as st_blocks counts them."""
-        return self.content.pages * (PAGE // 512) if self.content is not None else 0
+        if self.content is not None:
+            return self.content.pages * (PAGE // 512)
+        return PAGE // 512 if len(self.target) >= SHORT_SYMLINK else 0
 
 
 @dataclass
@@ -325,7 +329,9 @@ class Filesystem:
             if mtime:
                 inode.mtime_ns = now
 
-    def _make(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+    def _make(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> Inode:
+        """A new entry.  ``umask`` is what the kernel already cleared from ``mode``
+        (it does so even where a default ACL should rule instead)."""
         self._check_name(name)
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
@@ -336,26 +342,34 @@ class Filesystem:
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
+        default_acl = parent.xattrs.get(acl.DEFAULT)
+        access_acl = None
+        if default_acl is not None:
+            mode, access_acl = acl.inherit(default_acl, mode | umask & 0o777)
         inode = self._new_inode(mode, uid, gid)
+        if access_acl is not None:
+            inode.xattrs[acl.ACCESS] = access_acl
+        if default_acl is not None and stat.S_ISDIR(mode):
+            inode.xattrs[acl.DEFAULT] = default_acl
         self._link_entry(parent, name, inode)
         self._touch(parent)
         return self.remember(inode)
 
-    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
+    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int, umask: int = 0) -> Inode:
         if stat.S_IFMT(mode) == stat.S_IFREG:
-            return self.create_file(parent_ino, name, mode, uid, gid)
-        inode = self._make(parent_ino, name, mode, uid, gid)
+            return self.create_file(parent_ino, name, mode, uid, gid, umask)
+        inode = self._make(parent_ino, name, mode, uid, gid, umask)
         inode.rdev = rdev
         return inode
 
-    def create_file(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+    def create_file(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> Inode:
         content = self.new_content()
-        inode = self._make(parent_ino, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+        inode = self._make(parent_ino, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, umask)
         inode.content = content
         return inode
 
-    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
-        inode = self._make(parent_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> Inode:
+        inode = self._make(parent_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, umask)
         inode.entries, inode.parent, inode.nlink = {}, parent_ino, 2
         self.inodes[parent_ino].nlink += 1
         return inode
@@ -498,6 +512,8 @@ class Filesystem:
             self._truncate(inode, changes.size)
         if changes.mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(changes.mode)
+            if acl.ACCESS in inode.xattrs:
+                inode.xattrs[acl.ACCESS] = acl.chmod(inode.xattrs[acl.ACCESS], inode.mode)
         if changes.uid is not None:
             inode.uid = changes.uid
         if changes.gid is not None:
@@ -615,6 +631,8 @@ class Filesystem:
     # --- extended attributes --------------------------------------------
     @staticmethod
     def _check_xattr_name(name: bytes) -> None:
+        if name in (acl.ACCESS, acl.DEFAULT):  # validated by the kernel
+            return
         prefix = next((p for p in XATTR_NAMESPACES if name.startswith(p)), None)
         if prefix is None:
             raise FsError(errno.EOPNOTSUPP)
@@ -628,6 +646,13 @@ class Filesystem:
         if len(value) > 65536:
             raise FsError(errno.E2BIG)
         inode = self.get(ino)
+        if name == acl.ACCESS:
+            perms, equivalent = acl.mode_from(value)
+            inode.mode = inode.mode & ~0o777 | perms
+            if equivalent:
+                inode.xattrs.pop(name, None)
+                self._touch(inode, mtime=False)
+                return
         inode.xattrs[name] = value
         self._touch(inode, mtime=False)
 

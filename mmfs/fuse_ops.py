@@ -57,6 +57,7 @@ class Operations(pyfuse3.Operations):
     """pyfuse3 handlers over one ``Filesystem`` and the ``Arena`` it stores in."""
 
     enable_writeback_cache = False  # write-through keeps ENOSPC on write(2)
+    enable_acl = True  # the kernel checks POSIX ACLs; the model stores and inherits them
 
     def __init__(self, fs: Filesystem, arena: Arena) -> None:
         super().__init__()
@@ -130,11 +131,11 @@ class Operations(pyfuse3.Operations):
     def mknod(
         self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid))
+        return self.entry(self.fs.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask))
 
     @handler
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.mkdir(parent, name, mode, ctx.uid, ctx.gid))
+        return self.entry(self.fs.mkdir(parent, name, mode, ctx.uid, ctx.gid, ctx.umask))
 
     @handler
     def symlink(
@@ -165,7 +166,7 @@ class Operations(pyfuse3.Operations):
     def create(
         self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        inode = self.fs.create_file(parent, name, mode, ctx.uid, ctx.gid)
+        inode = self.fs.create_file(parent, name, mode, ctx.uid, ctx.gid, ctx.umask)
         fh = self.fs.open(inode.ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(inode)
 
