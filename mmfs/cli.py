@@ -13,13 +13,16 @@ import os
 import sys
 
 from .mount import check_mountpoint, serve
-from .options import MountConfig, UsageError, parse_args
+from .options import HelpRequested, MountConfig, UsageError, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         check_mountpoint(config.mountpoint)
+    except HelpRequested as usage:
+        print(usage)
+        return 0
     except UsageError as error:
         print(f"mmfs: {error}", file=sys.stderr)
         return 1

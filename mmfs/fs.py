@@ -271,14 +271,20 @@ class Filesystem:
         return inode
 
     def _maybe_free(self, inode: Inode) -> None:
-        if inode.nlink or inode.lookups or inode.opens or inode.ino == ROOT_INO:
+        """Free what a nameless, closed inode holds at once (as tmpfs does); its
+        table entry stays until the kernel forgets its last reference."""
+        if inode.nlink or inode.opens or inode.ino == ROOT_INO:
             return
         if inode.content is not None:
             inode.content.release()
+            inode.content = None
         if inode.lower_key is not None:
             del self._lower_links[inode.lower_key]
+            inode.lower_key = None
         self.counted_inodes -= inode.counted
-        del self.inodes[inode.ino]
+        inode.counted = False
+        if inode.lookups == 0:
+            del self.inodes[inode.ino]
 
     def remember(self, inode: Inode) -> Inode:
         """The kernel took a reference (an entry reply); it will forget() it."""

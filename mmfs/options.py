@@ -30,6 +30,10 @@ class UsageError(Exception):
     """A bad invocation; ``str()`` is the one line to print."""
 
 
+class HelpRequested(Exception):
+    """``-h``/``--help``: print the usage and exit 0."""
+
+
 @dataclass
 class MountConfig:
     mountpoint: str
@@ -134,7 +138,7 @@ def parse_args(argv: list[str]) -> MountConfig:
     args = iter(argv)
     for arg in args:
         if arg in ("-h", "--help"):
-            raise UsageError(USAGE)
+            raise HelpRequested(USAGE)
         if arg == "-o":
             value = next(args, None)
             if value is None:
