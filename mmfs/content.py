@@ -17,6 +17,7 @@ caller.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 from typing import Callable, Optional, Union
@@ -173,17 +174,55 @@ def _segments(offset: int, end: int) -> list[tuple[int, int, int]]:
 
 
 # Lower files at most this big are copied into the arena at their first write
-# instead of being mapped: a private mapping per modified file would run into
-# vm.max_map_count (65530) long before memory runs out, and for a small file
-# per-page copy-on-write saves nothing.
+# instead of being mapped: for a small file per-page copy-on-write saves
+# nothing, and every private mapping costs a VMA and a file descriptor.
 COPY_UP_LIMIT = 256 * 1024
 
 
 class BackingGone(OSError):
-    """The backing file shrank underneath the overlay (unsupported; EIO)."""
+    """The backing file changed underneath the overlay (unsupported; EIO)."""
 
     def __init__(self) -> None:
         super().__init__(errno.EIO, "backing file changed underneath the overlay")
+
+
+class MapBudget:
+    """The private file mappings in use: bounded, and each guarded by a read lease.
+
+    Each mapping costs a VMA (``vm.max_map_count``) and descriptors, so at most
+    ``limit`` lower files are mapped; beyond that, copy-on-write falls back to
+    pages in the arena.  A read lease (``F_SETLEASE``) on each mapped file makes
+    the kernel hold back anyone who would truncate or write it until
+    ``lease_breaks()`` has retired the mapping: touching a private map of a
+    truncated file would raise SIGBUS and kill the daemon.  The owner of the
+    mount calls ``lease_breaks()`` when SIGIO arrives, between requests.
+    """
+
+    def __init__(self, limit: int, leases: bool = True) -> None:
+        self.limit = limit
+        self.leases = leases
+        self.mapped: set[CowContent] = set()
+
+    def try_map(self, content: "CowContent", fd: int, length: int) -> Optional[mmap.mmap]:
+        """A writable private map of the backing file, or None to use the arena."""
+        if len(self.mapped) >= self.limit:
+            return None
+        try:
+            if self.leases:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            mapping = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:  # a writer has it open, leases unsupported, out of maps...
+            if self.leases:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            return None
+        self.mapped.add(content)
+        return mapping
+
+    def lease_breaks(self) -> None:
+        """Retire every mapping whose lease someone is breaking."""
+        for content in list(self.mapped):
+            if content.lease_broken():
+                content.retire()
 
 
 class CowContent:
@@ -191,26 +230,31 @@ class CowContent:
 
     Bytes [0, lower_size) come from the backing file: read with pread until the
     first write, then from a ``MAP_PRIVATE`` map of it, where the kernel copies
-    exactly the pages written.  ``lower_size`` only ever shrinks (truncate), so
-    everything at or beyond it lives in ``tail``, an ``AnonContent`` addressed by
-    file offset: truncate-then-extend reads zeros.  Small files are copied into
-    the arena at their first write instead of being mapped.
+    exactly the pages written.  Where no map may be had (``MapBudget``), written
+    pages are copied into the arena instead, page by page.  ``lower_size`` only
+    ever shrinks (truncate), so everything at or beyond it lives in ``tail``, an
+    ``AnonContent`` addressed by file offset: truncate-then-extend reads zeros.
+    Small files are copied into the arena whole at their first write.
 
-    Before any access to the backing file its size is checked: a backing file
-    truncated underneath answers EIO instead of killing the daemon with SIGBUS.
+    A backing file that shrank or was changed underneath answers EIO, never
+    SIGBUS: short preads are errors, and mapped files are guarded by leases.
     """
 
-    def __init__(self, arena: Arena, open_backing: Callable[[], int], size: int, blocks: int) -> None:
+    def __init__(self, arena: Arena, maps: MapBudget, open_backing: Callable[[], int], size: int, blocks: int) -> None:
         self.arena = arena
+        self.maps = maps
         self.open_backing = open_backing
         self.size = size
         self.lower_size = size
         self.original_size = size
         self.lower_pages = min(-(-blocks * 512 // PAGE), -(-size // PAGE))  # as the backing file holds
-        self.tail = AnonContent(arena)
+        self.tail = AnonContent(arena)  # by file offset: bytes past lower_size, and arena-copied pages
         self.tail.size = size
         self.map: Optional[mmap.mmap] = None
         self.dirty = 0  # bitmask of map pages written (charged to the arena)
+        self.copying = False  # copy-on-write into the arena instead of a map
+        self.copied = 0  # bitmask of backing pages copied into the tail
+        self.broken = False
         self._fd: Optional[int] = None
 
     @property
@@ -219,23 +263,42 @@ class CowContent:
 
     # --- the backing file -------------------------------------------------
     def _backing_fd(self) -> int:
+        if self.broken:
+            raise BackingGone()
         if self._fd is None:
             self._fd = self.open_backing()
         return self._fd
 
-    def _check_backing(self) -> None:
-        size = self.map.size() if self.map is not None else os.fstat(self._backing_fd()).st_size
-        if size < self.original_size:
-            raise BackingGone()
-
-    def _lower_read(self, offset: int, length: int) -> Buffer:
-        self._check_backing()
-        if self.map is not None:
-            return self.map[offset : offset + length]
+    def _pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._backing_fd(), length, offset)
         if len(data) != length:
             raise BackingGone()
         return data
+
+    def _lower_read(self, offset: int, length: int) -> Buffer:
+        if self.map is not None:
+            if self.broken or self.map.size() < self.original_size:
+                raise BackingGone()
+            return self.map[offset : offset + length]
+        pieces: list[Buffer] = []
+        for start, stop, copied in self._page_runs(offset, offset + length):
+            pieces.append(self.tail.read(start, stop - start) if copied else self._pread(start, stop - start))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _page_runs(self, offset: int, end: int) -> list[tuple[int, int, bool]]:
+        """Split [offset, end) into runs of pages copied to the arena or not."""
+        if not self.copied:
+            return [(offset, end, False)]
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            copied = bool(self.copied >> (pos // PAGE) & 1)
+            stop = min(end, (pos // PAGE + 1) * PAGE)
+            while stop < end and bool(self.copied >> (stop // PAGE) & 1) == copied:
+                stop = min(end, stop + PAGE)
+            runs.append((pos, stop, copied))
+            pos = stop
+        return runs
 
     # --- Content ------------------------------------------------------------
     def read(self, offset: int, length: int) -> Buffer:
@@ -250,11 +313,11 @@ class CowContent:
         return bytes(low) + bytes(high) if low else high
 
     def write(self, offset: int, data: Buffer) -> int:
-        if offset < self.lower_size and self.map is None and self.lower_size <= COPY_UP_LIMIT:
-            self._copy_up()
         end = offset + len(data)
         split = max(offset, min(end, self.lower_size))
-        written = self._map_write(offset, memoryview(data)[: split - offset]) if split > offset else 0
+        written = 0
+        if split > offset:
+            written = self._lower_write(offset, memoryview(data)[: split - offset])
         if split < end:
             try:
                 written += self.tail.write(split, memoryview(data)[split - offset :])
@@ -265,20 +328,33 @@ class CowContent:
         self.tail.size = self.size
         return written
 
-    def _copy_up(self) -> None:
-        if -(-self.lower_size // PAGE) > self.arena.pages_free():
+    def _lower_write(self, offset: int, data: memoryview) -> int:
+        if self.map is None and not self.copying:
+            if self.lower_size > COPY_UP_LIMIT:
+                self.map = self.maps.try_map(self, self._backing_fd(), self.original_size)
+            self.copying = self.map is None
+        if self.map is not None:
+            return self._map_write(offset, data)
+        small = self.lower_size <= COPY_UP_LIMIT
+        self._copy_pages(0 if small else offset, self.lower_size if small else offset + len(data))
+        return self.tail.write(offset, data)
+
+    def _copy_pages(self, offset: int, end: int) -> None:
+        """Copy the backing bytes of the pages under [offset, end) into the arena, once."""
+        first, last = offset // PAGE, (end - 1) // PAGE
+        missing = [page for page in range(first, last + 1) if not self.copied >> page & 1]
+        if len(missing) > self.arena.pages_free():
             raise NoSpace()
-        data = self._lower_read(0, self.lower_size)
-        self.lower_size = self.lower_pages = 0
-        self.tail.write(0, data)
-        self._close_backing()
+        for page in missing:
+            start = page * PAGE
+            self.tail.write(start, self._pread(start, min(PAGE, self.lower_size - start)))
+            self.copied |= 1 << page
+        self._close_backing_unless_mapped()
 
     def _map_write(self, offset: int, data: memoryview) -> int:
-        self._check_backing()
-        if self.map is None:
-            self.map = mmap.mmap(self._backing_fd(), self.original_size, flags=mmap.MAP_PRIVATE,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            self._close_backing()  # the map keeps its own reference to the file
+        assert self.map is not None
+        if self.broken or self.map.size() < self.original_size:
+            raise BackingGone()
         first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
         fresh = (((1 << (last - first + 1)) - 1) << first) & ~self.dirty
         self.arena.take_pages(fresh.bit_count())
@@ -291,6 +367,7 @@ class CowContent:
             self.lower_size = size
             self.lower_pages = min(self.lower_pages, -(-size // PAGE))
             self._drop_dirty_from(-(-size // PAGE))
+            self.copied &= (1 << -(-size // PAGE)) - 1
         self.tail.truncate(size)
         self.size = size
 
@@ -300,26 +377,43 @@ class CowContent:
             return
         self.arena.give_pages(dropped.bit_count())
         self.dirty &= ~dropped
-        self.map.madvise(mmap.MADV_DONTNEED, first_page * PAGE, len(self.map) - first_page * PAGE)
+        if not self.broken:
+            self.map.madvise(mmap.MADV_DONTNEED, first_page * PAGE, len(self.map) - first_page * PAGE)
+
+    # --- lifetime -----------------------------------------------------------
+    def lease_broken(self) -> bool:
+        return self._fd is not None and fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK
+
+    def retire(self) -> None:
+        """The backing file is about to change: drop the map and answer EIO from now on."""
+        self.broken = True
+        self._unmap()
+
+    def _unmap(self) -> None:
+        if self.map is not None:
+            self._drop_dirty_from(0)
+            self.map.close()
+            self.maps.mapped.discard(self)
+        self._close_backing()  # closing the last descriptor gives the lease up
 
     def release(self) -> None:
-        self._drop_dirty_from(0)
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+        self._unmap()
         self.tail.release()
-        self._close_backing()
 
     def _close_backing(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
+    def _close_backing_unless_mapped(self) -> None:
+        if self.map is None:
+            self._close_backing()
+
     def closed(self) -> None:
-        """The last handle went: don't keep the backing file open for nothing."""
-        self._close_backing()
+        """The last handle went: don't keep an unmapped backing file open."""
+        self._close_backing_unless_mapped()
 
     def sync(self) -> None:
-        if self.map is not None:
+        if self.map is not None and not self.broken:
             self.map.flush()
         self.tail.sync()

@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 
 from .arena import PAGE, Arena
+from .content import MapBudget
 from .fs import Attrs, Filesystem, FsError, Inode
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # write-through keeps ENOSPC on write(2)
     enable_acl = True  # the kernel checks POSIX ACLs; the model stores and inherits them
 
-    def __init__(self, fs: Filesystem, arena: Arena) -> None:
+    def __init__(self, fs: Filesystem, arena: Arena, maps: MapBudget | None = None) -> None:
         super().__init__()
         self.fs = fs
         self.arena = arena
+        self.maps = maps  # overlay mode: lower files mapped privately
 
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
         self.fs.loaded(inode)  # a directory's size counts its entries

@@ -19,7 +19,7 @@ import pyfuse3
 import trio
 
 from .arena import Arena
-from .content import AnonContent, CowContent
+from .content import AnonContent, CowContent, MapBudget
 from .fs import Filesystem, FsConfig
 from .fuse_ops import Operations
 from .lower import LowerDir, LowerEntry
@@ -84,21 +84,25 @@ def build(config: MountConfig) -> Operations:
     if config.lowerdir is None:
         return Operations(Filesystem(lambda: AnonContent(arena), settings), arena)
     lower = open_lower(config.lowerdir)
-    raise_fd_limit()
+    maps = MapBudget(map_limit())
 
     def lower_content(entry: LowerEntry) -> CowContent:
         path = entry.path
-        return CowContent(arena, lambda: lower.open(path), entry.st.st_size, entry.st.st_blocks)
+        return CowContent(arena, maps, lambda: lower.open(path), entry.st.st_size, entry.st.st_blocks)
 
     fs = Filesystem(lambda: AnonContent(arena), settings, lower=lower, lower_content=lower_content)
-    return Operations(fs, arena)
+    return Operations(fs, arena, maps)
 
 
-def raise_fd_limit() -> None:
-    """Each privately mapped backing file holds a descriptor: allow as many as we may."""
+def map_limit() -> int:
+    """How many lower files may be mapped at once: each map is a VMA and holds two
+    descriptors; keep well inside vm.max_map_count and the descriptor limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with open("/proc/sys/vm/max_map_count") as max_map_count:
+        vmas = int(max_map_count.read())
+    return max(0, min(vmas // 2, (hard - 1024) // 2))
 
 
 def serve(config: MountConfig, ready: Callable[[], None]) -> None:
@@ -109,16 +113,27 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)
     try:
-        trio.run(_serve_until_stopped)
+        trio.run(_serve_until_stopped, operations.maps)
     finally:
         pyfuse3.close(unmount=True)
 
 
-async def _serve_until_stopped() -> None:
+async def _serve_until_stopped(maps: MapBudget | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        if maps is not None:
+            await nursery.start(_retire_maps_on_lease_break, maps)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _retire_maps_on_lease_break(maps: MapBudget, task_status: trio.TaskStatus[None]) -> None:
+    """SIGIO: someone is truncating or writing a mapped backing file.  Between two
+    requests, retire its map; only then does the kernel let them go on."""
+    with trio.open_signal_receiver(signal.SIGIO) as signals:
+        task_status.started()
+        async for _ in signals:
+            maps.lease_breaks()
 
 
 async def _terminate_on_signal() -> None:

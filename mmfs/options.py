@@ -160,6 +160,8 @@ def parse_args(argv: list[str]) -> MountConfig:
         (source, mountpoint), lowerdir = positional, None
     else:
         raise UsageError("expected: mmfs tmpfs MOUNTPOINT or mmfs overlay LOWERDIR MOUNTPOINT (see --help)")
+    if lowerdir == "":
+        raise UsageError("lowerdir is empty")
     config = default_config(mountpoint)
     config.source, config.lowerdir = source, lowerdir
     for option in options:

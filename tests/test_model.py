@@ -174,14 +174,15 @@ def test_model_and_storage_do_not_import_fuse_or_trio() -> None:
         assert not imported & {"pyfuse3", "trio"}, module
 
 
-def overlay_fs(tmp_path: Path, arena: Arena) -> Filesystem:
-    from mmfs.content import CowContent
+def overlay_fs(tmp_path: Path, arena: Arena, map_limit: int = 10) -> Filesystem:
+    from mmfs.content import CowContent, MapBudget
     from mmfs.lower import LowerDir
 
     lower = LowerDir(str(tmp_path / "lower"))
+    maps = MapBudget(limit=map_limit, leases=False)  # no SIGIO handler here
 
     def lower_content(entry):  # type: ignore[no-untyped-def]
-        return CowContent(arena, lambda: lower.open(entry.path), entry.st.st_size, entry.st.st_blocks)
+        return CowContent(arena, maps, lambda: lower.open(entry.path), entry.st.st_size, entry.st.st_blocks)
 
     return Filesystem(lambda: AnonContent(arena), FsConfig(), lower=lower, lower_content=lower_content)
 
@@ -213,8 +214,11 @@ def test_overlay_loads_directories_lazily_and_keeps_hard_links_one_inode(
     fs.check_invariants()
 
 
-def test_overlay_copy_on_write_changes_only_the_view(tmp_path: Path, arena: Arena, lower_tree: Path) -> None:
-    fs = overlay_fs(tmp_path, arena)
+@pytest.mark.parametrize("map_limit", [10, 0], ids=["mapped", "arena-copied"])
+def test_overlay_copy_on_write_changes_only_the_view(
+    tmp_path: Path, arena: Arena, lower_tree: Path, map_limit: int
+) -> None:
+    fs = overlay_fs(tmp_path, arena, map_limit)
     a = fs.lookup(ROOT_INO, b"a")
     f = fs.lookup(a.ino, b"f")  # type: ignore[union-attr]
     assert f is not None
@@ -222,6 +226,9 @@ def test_overlay_copy_on_write_changes_only_the_view(tmp_path: Path, arena: Aren
     fs.write(fh, 500_000, b"NEW")
     assert arena.pages_held == 1  # one page copied, not the file
     assert bytes(fs.read(fh, 499_998, 7)) == b"taNEWer"
+    fs.write(fh, 1_000_000, b"+tail")  # past the end of the backing file
+    fs.write(fh, 999_999, b"A")  # the page straddling the backing file's end
+    assert bytes(fs.read(fh, 999_990, 20)) == b"lower dat" + b"A+tail"
     fs.setattr(f.ino, Attrs(size=10))
     fs.setattr(f.ino, Attrs(size=20))
     assert bytes(fs.read(fh, 0, 100)) == b"lower data" + bytes(10)

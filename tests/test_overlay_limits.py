@@ -1,0 +1,708 @@
+"""Overlay mode at its limits: security, bad lowerdirs, self-overlay, faults, memory, scale.
+
+1. Symlinks in LOWERDIR that point outside it are shown, never followed by the
+   daemon: an strace of the daemon while a client walks, stats, readlinks and
+   reads everything shows only dir-fd-relative, ``..``-free, no-follow accesses
+   that never name the secret; a lower path that turns into a symlink after
+   mounting is refused with EIO.
+2. A bad LOWERDIR is exit status 1, one ``mmfs:`` line, nothing mounted.
+3. ``mmfs overlay DIR DIR`` shows DIR, takes writes, and leaves DIR untouched.
+4. A backing file truncated underneath answers EIO (mapped or not), never kills
+   the daemon, and the mount keeps serving; so does one truncated and
+   re-extended over and over while a client reads it.
+5. Writing one byte in the middle of a 1 GiB lower file costs one page.
+6. 100,000 lower files, 70,000 of them modified: more than vm.max_map_count
+   private maps would allow; the mount is live at once.
+
+LOWERDIR is only ever written by a test to simulate an unsupported change
+underneath the overlay (test 1's "became a symlink", test 4's truncation).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import stat
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from conftest import ROOT, Mount, is_mounted, mmfs_command, start_mmfs, stop_mmfs
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+Factory = Callable[..., Mount]
+
+
+# --- helpers ------------------------------------------------------------------
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return predicate()
+        time.sleep(interval)
+    return True
+
+
+def mounts_under(directory: Path) -> list[str]:
+    prefix = str(directory.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def drop_cache(fd: int) -> None:
+    """Forget the client's page cache of a mount file, so reads reach the daemon."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def pread_uncached(path: Path, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` as the daemon answers them (a fresh fd, no cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop_cache(fd)
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def read_uncached(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop_cache(fd)
+        chunks = []
+        while chunk := os.read(fd, MiB):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    """Bytes of a (lower) file at ``offset``."""
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read(length)
+
+
+def errno_of(action: Callable[[], object]) -> Optional[int]:
+    """The errno ``action`` failed with, or None if it succeeded."""
+    try:
+        action()
+    except OSError as error:
+        return error.errno
+    return None
+
+
+def walk_noatime(root: Path) -> list[Path]:
+    """Every path under ``root`` (and root), listed without touching an access time."""
+    found = [root]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOATIME)
+    try:
+        names = sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+    for name in names:
+        path = root / name
+        found.extend(walk_noatime(path) if stat.S_ISDIR(path.lstat().st_mode) else [path])
+    return found
+
+
+def read_noatime(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
+    try:
+        chunks = []
+        while chunk := os.read(fd, MiB):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def arm_atimes(root: Path) -> None:
+    """Set every atime before its mtime, so that any read (relatime) would move it."""
+    for path in walk_noatime(root):
+        st = path.lstat()
+        os.utime(path, ns=(st.st_mtime_ns - 10**9, st.st_mtime_ns), follow_symlinks=False)
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every name under ``root``: type, mode, owner, size, links, inode, times, content hash.
+
+    Taken without touching an access time (symlink targets are compared apart:
+    readlink always touches one).
+    """
+    snapshot: dict[str, tuple[object, ...]] = {}
+    for path in walk_noatime(root):
+        st = path.lstat()
+        digest = sha(read_noatime(path)) if stat.S_ISREG(st.st_mode) else None
+        snapshot[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                                                 st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_atime_ns, digest)
+    return snapshot
+
+
+def daemon_private_bytes(pid: int) -> int:
+    """Private_Dirty + Swap of a process, from smaps_rollup."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            key, _, rest = line.partition(":")
+            if key in ("Private_Dirty", "Swap"):
+                total += int(rest.split()[0]) * KiB
+    return total
+
+
+def shmem_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * KiB
+    raise AssertionError("no Shmem in /proc/meminfo")
+
+
+def daemon_memory(pid: int) -> int:
+    """What the daemon holds: its private dirty memory plus the system's Shmem."""
+    return daemon_private_bytes(pid) + shmem_bytes()
+
+
+def map_count(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def assert_alive(mount: Mount) -> None:
+    assert mount.process.poll() is None, f"the daemon died ({mount.process.returncode}): {mount.log_text()}"
+
+
+def make_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+# --- 1. symlinks pointing outside are never followed by the daemon -------------
+# Every syscall that takes a file name (open, openat, openat2, readlink(at),
+# newfstatat, statx, the xattr calls, ...): a superset of what LowerDir uses.
+TRACED = "%file"
+# Fixed paths libfuse itself opens (the device; the splice pipe size limit).
+ALLOWED_ABSOLUTE = re.compile(r"^(/dev/fuse\b.*|/proc/sys/fs/pipe-max-size|/proc/self/fd/\d+(/[^/]+)?)$")
+TRACE_LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)$")
+AT_ARGS = re.compile(r'^(AT_FDCWD|-?\d+),\s*"((?:[^"\\]|\\.)*)"')
+PATH_ARG = re.compile(r'^"((?:[^"\\]|\\.)*)"')
+
+
+class Strace:
+    """strace attached to a running process, writing its trace to a file."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self.pid, self.output = pid, output
+        command = ["strace", "-f", "-qq", "-s", "4096", "-e", f"trace={TRACED}", "-p", str(pid), "-o", str(output)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        attached = wait_for(self._attached, 10)
+        time.sleep(0.3)
+        if not attached or self.process.poll() is not None:
+            self.stop()
+            raise AssertionError(f"strace did not attach to {pid}")
+
+    def _attached(self) -> bool:
+        tasks = os.listdir(f"/proc/{self.pid}/task")
+        return all(self._tracer(task) != 0 for task in tasks)
+
+    def _tracer(self, task: str) -> int:
+        with open(f"/proc/{self.pid}/task/{task}/status") as status:
+            line = next(line for line in status if line.startswith("TracerPid:"))
+        return int(line.split()[1])
+
+    def stop(self) -> list[str]:
+        """Detach and return the trace's lines."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        _, stderr = self.process.communicate(timeout=30)
+        assert self.process.returncode in (0, -15), stderr
+        return self.output.read_text(errors="replace").splitlines()
+
+
+def parse_trace(lines: list[str]) -> list[tuple[str, Optional[str], str, str]]:
+    """(syscall, dirfd or None, path, whole line) for every traced call that names a path."""
+    calls = []
+    for line in lines:
+        match = TRACE_LINE.match(line)
+        if not match or match.group(2) == "resumed":
+            continue
+        name, args = match.group(2), match.group(3)
+        at_call, path_call = AT_ARGS.match(args), PATH_ARG.match(args)
+        if at_call:
+            calls.append((name, at_call.group(1), at_call.group(2), line))
+        elif path_call:
+            calls.append((name, None, path_call.group(1), line))
+        else:
+            raise AssertionError(f"cannot parse: {line}")
+    return calls
+
+
+def check_trace(lines: list[str], secret_token: str) -> list[tuple[str, Optional[str], str, str]]:
+    """Every path the daemon named was dir-fd relative, ``..``-free, no-follow, not the secret."""
+    calls = parse_trace(lines)
+    for name, dirfd, path, line in calls:
+        assert secret_token not in path, f"the daemon named the secret: {line}"
+        assert ".." not in path.split("/"), f"'..' in a daemon path: {line}"
+        if path.startswith("/"):
+            assert ALLOWED_ABSOLUTE.match(path), f"absolute path outside LOWERDIR: {line}"
+        elif path:
+            assert dirfd not in (None, "AT_FDCWD"), f"path relative to the cwd: {line}"
+        if name == "openat2":
+            assert "RESOLVE_BENEATH" in line and "RESOLVE_NO_SYMLINKS" in line and "O_NOFOLLOW" in line, line
+        if name in ("newfstatat", "statx") and path:
+            assert "AT_SYMLINK_NOFOLLOW" in line, f"stat that follows symlinks: {line}"
+        if name in ("listxattr", "getxattr"):
+            assert not re.match(r"^/proc/self/fd/\d+/", path), f"xattr call that follows symlinks: {line}"
+        if name == "openat":
+            assert path.startswith("/") or dirfd != "AT_FDCWD", line
+    for line in lines:  # only a symlink's target (readlinkat's answer) may mention the secret
+        match = TRACE_LINE.match(line)
+        assert secret_token not in line or (match is not None and match.group(2) == "readlinkat"), line
+    return calls
+
+
+def build_escape_tree(tmp_path: Path, token: str) -> tuple[Path, Path, Path]:
+    """LOWERDIR with symlinks to a secret and a directory outside it: (lower, secret, outside).
+
+    The same escapes sit at the top and in ``t/``: the root may be listed as soon
+    as it is mounted, ``t`` only when a client first looks into it (traced).
+    """
+    secret = tmp_path / f"{token}-shadow"
+    secret.write_text("root:TOPSECRET:19000:0:99999:7:::\n")
+    outside = tmp_path / f"{token}-outside"
+    outside.mkdir()
+    (outside / "x").write_text("outside x\n")
+    lower = tmp_path / "a" / "lower"  # lower/../../ is tmp_path
+    for top, up in ((lower, "../.."), (lower / "t", "../../..")):
+        make_file(top / "plain", b"plain file\n")
+        make_file(top / "d" / "inner", b"inner file\n")
+        make_file(top / "big", os.urandom(300 * KiB))
+        os.symlink(str(secret), top / "abs_link")
+        os.symlink(f"{up}/{secret.name}", top / "rel_link")
+        os.symlink(f"{up}/../{secret.name}", top / "d" / "deep_rel_link")
+        os.symlink(str(outside), top / "dirlink")
+        os.symlink("..", top / "d" / "up")
+        os.symlink("/", top / "rootlink")
+    return lower, secret, outside
+
+
+def walk_like_a_client(mnt: Path) -> tuple[dict[str, bytes], dict[str, str]]:
+    """List everything, lstat and readlink every entry, read every regular file."""
+    contents: dict[str, bytes] = {}
+    targets: dict[str, str] = {}
+    for directory, dirnames, filenames in os.walk(mnt):
+        for name in dirnames + filenames:
+            path = Path(directory) / name
+            rel = str(path.relative_to(mnt))
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                targets[rel] = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                contents[rel] = read_uncached(path)
+    return contents, targets
+
+
+def test_symlinks_outside_lowerdir_are_never_followed_by_the_daemon(tmp_path: Path, mmfs_factory: Factory) -> None:
+    token = f"secret{os.getpid()}x{time.monotonic_ns()}"
+    lower, secret, outside = build_escape_tree(tmp_path, token)
+    mount = mmfs_factory("overlay", str(lower), options="size=1g")
+    mnt = mount.path
+    tracer = Strace(mount.process.pid, tmp_path / "daemon.trace")
+    try:
+        contents, targets = walk_like_a_client(mnt)
+        via_dirlink = [subprocess.run(["cat", str(mnt / top / "dirlink" / "x")], capture_output=True,
+                                      check=True).stdout for top in ("", "t")]
+    finally:
+        lines = tracer.stop()
+    assert_alive(mount)
+    held = [os.readlink(f"/proc/{mount.process.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{mount.process.pid}/fd")]
+    assert not [target for target in held if token in target], held
+
+    expected: dict[str, str] = {}
+    for top, up in (("", "../.."), ("t/", "../../..")):
+        expected |= {
+            f"{top}abs_link": str(secret),
+            f"{top}rel_link": f"{up}/{secret.name}",
+            f"{top}d/deep_rel_link": f"{up}/../{secret.name}",
+            f"{top}dirlink": str(outside),
+            f"{top}d/up": "..",
+            f"{top}rootlink": "/",
+        }
+    assert targets == expected
+    regular = [f"{top}{name}" for top in ("", "t/") for name in ("plain", "d/inner", "big")]
+    assert contents == {name: (lower / name).read_bytes() for name in regular}
+    assert via_dirlink == [b"outside x\n"] * 2  # followed by the client's kernel, outside the mount
+    for name in targets:
+        assert stat.S_ISLNK(os.lstat(mnt / name).st_mode), name
+
+    calls = check_trace(lines, token)  # the heart of the test
+    opened = {path for name, _, path, _ in calls if name == "openat2"}
+    assert set(regular) <= opened, f"strace missed lower reads: {sorted(opened)}"
+    readlinks = {path for name, _, path, _ in calls if name == "readlinkat"}
+    assert {"abs_link", "rel_link", "deep_rel_link", "dirlink", "up", "rootlink"} <= readlinks, lines
+
+
+def test_lower_path_that_became_a_symlink_is_refused(tmp_path: Path, mmfs_factory: Factory) -> None:
+    """Names the daemon already knows are swapped in LOWERDIR for symlinks leading
+    outside: its own opens of those paths must refuse (EIO), never follow.
+
+    A directory is listed when the kernel first learns of it (its size counts
+    its entries), its subdirectories only when the kernel learns of them (a
+    lookup or a readdir of their parent).
+    """
+    token = f"secret{os.getpid()}y{time.monotonic_ns()}"
+    lower, secret, outside = build_escape_tree(tmp_path, token)
+    make_file(lower / "victim", b"harmless\n")  # the file itself becomes a symlink
+    make_file(lower / "outer" / "inner" / "x", b"inside x\n")  # a directory not listed yet becomes one
+    make_file(lower / "outer" / "f", b"f\n")
+    make_file(lower / "via" / secret.name, b"decoy\n")  # a directory on the way becomes one
+    mount = mmfs_factory("overlay", str(lower), options="size=1g")
+    mnt = mount.path
+    assert stat.S_ISREG(os.lstat(mnt / "victim").st_mode)
+    assert stat.S_ISREG(os.lstat(mnt / "outer" / "f").st_mode)  # lists outer, not inner
+    assert stat.S_ISREG(os.lstat(mnt / "via" / secret.name).st_mode)
+
+    os.symlink(str(secret), lower / "victim.new")
+    os.rename(lower / "victim.new", lower / "victim")
+    os.rename(lower / "outer" / "inner", lower / "outer" / "inner.old")
+    os.symlink(str(outside), lower / "outer" / "inner")
+    os.rename(lower / "via", lower / "via.old")
+    os.symlink(str(secret.parent), lower / "via")
+
+    with open(mnt / "victim", "rb") as victim:
+        assert errno_of(victim.read) == errno.EIO
+    assert errno_of(lambda: os.listdir(mnt / "outer" / "inner")) == errno.EIO
+    assert errno_of(lambda: (mnt / "outer" / "inner" / "x").read_bytes()) == errno.EIO
+    assert errno_of(lambda: (mnt / "via" / secret.name).read_bytes()) == errno.EIO
+    assert_alive(mount)
+    assert (mnt / "plain").read_bytes() == b"plain file\n"
+    assert os.readlink(mnt / "abs_link") == str(secret)
+
+
+# --- 2. bad lowerdir ---------------------------------------------------------
+def _bad_lowerdirs(tmp: Path) -> dict[str, str]:
+    regular = tmp / "regular"
+    regular.write_text("not a directory\n")
+    real_dir = tmp / "real_dir"
+    real_dir.mkdir()
+    (real_dir / "f").write_text("f\n")
+    os.symlink(real_dir, tmp / "dir_symlink")
+    os.symlink(tmp / "nowhere", tmp / "dangling")
+    return {
+        "missing": str(tmp / "missing"),
+        "under missing parents": str(tmp / "no" / "such" / "lower"),
+        "regular file": str(regular),
+        "symlink to a directory": str(tmp / "dir_symlink"),
+        "dangling symlink": str(tmp / "dangling"),
+        "empty string": "",
+    }
+
+
+@pytest.mark.parametrize("mode", ["background", "foreground"])
+@pytest.mark.parametrize("case", ["missing", "under missing parents", "regular file", "symlink to a directory",
+                                  "dangling symlink", "empty string"])
+def test_bad_lowerdir_is_one_line_and_status_1(tmp_path: Path, case: str, mode: str) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    lowerdir = _bad_lowerdirs(tmp_path)[case]
+    command = mmfs_command("overlay", lowerdir, str(mountpoint)) + (["-f"] if mode == "foreground" else [])
+    result = subprocess.run(command, capture_output=True, timeout=30, cwd=ROOT)
+    stderr = result.stderr.decode(errors="replace")
+    try:
+        assert result.returncode == 1, (result.returncode, stderr)
+        lines = stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mmfs:"), stderr
+        assert "Traceback" not in stderr and result.stdout == b"", (stderr, result.stdout)
+        assert not is_mounted(mountpoint) and not mounts_under(tmp_path)
+        assert os.listdir(mountpoint) == []
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+# --- 3. overlay on itself -----------------------------------------------------
+def test_overlay_on_itself_shows_dir_and_leaves_it_untouched(tmp_path: Path) -> None:
+    directory = tmp_path / "dir"
+    make_file(directory / "small", b"small original\n")
+    make_file(directory / "sub" / "nested", b"nested original\n")
+    big = os.urandom(2 * MiB)
+    make_file(directory / "big", big)
+    os.symlink("small", directory / "link")
+    listing = sorted(os.listdir(directory))
+    arm_atimes(directory)  # the daemon reads LOWERDIR noatime: not one atime may move
+    before = tree_snapshot(directory)
+
+    mount = start_mmfs(directory, tmp_path / "self.log", "overlay", str(directory), options="size=1g")
+    try:
+        assert sorted(os.listdir(directory)) == listing
+        assert (directory / "small").read_bytes() == b"small original\n"
+        assert (directory / "sub" / "nested").read_bytes() == b"nested original\n"
+        assert read_uncached(directory / "big") == big
+        assert os.readlink(directory / "link") == "small"
+
+        with open(directory / "small", "ab") as small:
+            small.write(b"appended\n")
+        fd = os.open(directory / "big", os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, b"MIDDLE", MiB) == 6
+        finally:
+            os.close(fd)
+        (directory / "new").write_bytes(b"new file\n")
+        (directory / "sub" / "nested").unlink()
+        os.rename(directory / "sub", directory / "moved")
+        os.mkdir(directory / "newdir")
+
+        assert (directory / "small").read_bytes() == b"small original\nappended\n"
+        assert read_uncached(directory / "big") == big[:MiB] + b"MIDDLE" + big[MiB + 6 :]
+        assert (directory / "new").read_bytes() == b"new file\n"
+        assert sorted(os.listdir(directory)) == ["big", "link", "moved", "new", "newdir", "small"]
+        assert os.listdir(directory / "moved") == []
+        assert_alive(mount)
+    finally:
+        stop_mmfs(mount)
+    assert not is_mounted(directory)
+    assert tree_snapshot(directory) == before
+    assert os.readlink(directory / "link") == "small"
+
+
+# --- 4. faults: a backing file truncated underneath ---------------------------
+def test_backing_file_truncated_underneath_answers_eio(tmp_path: Path, mmfs_factory: Factory) -> None:
+    lower = tmp_path / "lower"
+    data = {name: os.urandom(4 * MiB) for name in ("mapped", "unmapped", "healthy")}
+    for name, content in data.items():
+        make_file(lower / name, content)
+    small = os.urandom(64 * KiB)
+    make_file(lower / "small_copied", small)
+    make_file(lower / "small_unmodified", small)
+    mount = mmfs_factory("overlay", str(lower), options="size=1g")
+    mnt = mount.path
+
+    mapped = os.open(mnt / "mapped", os.O_RDWR)
+    unmapped = os.open(mnt / "unmapped", os.O_RDONLY)
+    try:
+        assert os.pwrite(mapped, b"XYZ", 2 * MiB + 100) == 3  # mapped MAP_PRIVATE now
+        drop_cache(unmapped)
+        assert os.pread(unmapped, PAGE, 0) == data["unmapped"][:PAGE]  # backing fd open
+        with open(mnt / "small_copied", "r+b") as copied:
+            copied.seek(10)
+            copied.write(b"COPIED")
+        assert pread_uncached(mnt / "small_unmodified", 16, 0) == small[:16]
+
+        for name in ("mapped", "unmapped", "small_copied", "small_unmodified"):
+            os.truncate(lower / name, 0)  # the unsupported change underneath
+
+        for offset in (0, MiB, 3 * MiB, 4 * MiB - PAGE):  # pages never written
+            for fd in (mapped, unmapped):
+                drop_cache(fd)
+                assert errno_of(lambda: os.pread(fd, PAGE, offset)) == errno.EIO, offset
+            for name in ("mapped", "unmapped"):
+                assert errno_of(lambda: pread_uncached(mnt / name, PAGE, offset)) == errno.EIO, (name, offset)
+            assert_alive(mount)
+        assert errno_of(lambda: pread_uncached(mnt / "small_unmodified", 16, 0)) == errno.EIO
+        assert errno_of(lambda: os.pwrite(mapped, b"again", 3 * MiB)) in (None, errno.EIO)
+        assert_alive(mount)
+    finally:
+        os.close(mapped)
+        os.close(unmapped)
+
+    # copied into memory at its first write: the truncation underneath cannot touch it
+    assert read_uncached(mnt / "small_copied") == small[:10] + b"COPIED" + small[16:]
+    assert read_uncached(mnt / "healthy") == data["healthy"]
+    (mnt / "fresh").write_bytes(b"still serving\n")
+    assert read_uncached(mnt / "fresh") == b"still serving\n"
+    assert os.stat(mnt / "mapped").st_size == 4 * MiB
+    assert_alive(mount)
+    stop_mmfs(mount)  # exit status 0 and no ERROR in the log
+
+
+def test_backing_file_truncated_during_reads_never_kills_the_daemon(tmp_path: Path, mmfs_factory: Factory) -> None:
+    """The same unsupported change, racing the reads: whatever the answers (EIO,
+    zeros, old bytes), the daemon must survive and keep serving."""
+    lower = tmp_path / "lower"
+    size = 16 * MiB
+    make_file(lower / "flipping", os.urandom(size))
+    make_file(lower / "healthy", b"healthy\n")
+    mount = mmfs_factory("overlay", str(lower), options="size=1g")
+    mnt = mount.path
+    fd = os.open(mnt / "flipping", os.O_RDWR)
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            os.truncate(lower / "flipping", 0)
+            os.truncate(lower / "flipping", size)
+
+    flipper = threading.Thread(target=flip)
+    rng = random.Random(4)
+    answers: list[Optional[int]] = []
+    try:
+        assert os.pwrite(fd, b"x", 100) == 1  # mapped MAP_PRIVATE now
+        flipper.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and answers[-1:] != [errno.ENOTCONN]:
+            drop_cache(fd)
+            answers.append(errno_of(lambda: os.pread(fd, 128 * KiB, rng.randrange(size - 128 * KiB))))
+    finally:
+        stop.set()
+        if flipper.is_alive():
+            flipper.join()
+        errno_of(lambda: os.close(fd))
+    assert mount.process.poll() is None, (f"the daemon died ({mount.process.returncode}) after {len(answers)} "
+                                          f"racing reads: {[line for line in mount.log_text().splitlines() if 'Fatal' in line]}")
+    assert set(answers) <= {None, errno.EIO}, set(answers)
+    assert (mnt / "healthy").read_bytes() == b"healthy\n"
+    stop_mmfs(mount)
+
+
+# --- 5. copy-on-write memory bound --------------------------------------------
+COW_LIMIT = 64 * KiB
+
+
+def lower_fingerprint(path: Path, middle: int) -> dict[str, object]:
+    size = path.stat().st_size
+    return {
+        "size": size,
+        "first MiB": sha(read_at(path, 0, MiB)),
+        "middle MiB": sha(read_at(path, middle - MiB // 2, MiB)),
+        "last MiB": sha(read_at(path, size - MiB, MiB)),
+        "byte": read_at(path, middle, 1),
+    }
+
+
+def test_one_byte_in_a_1gib_lower_file_costs_one_page(tmp_path: Path, mmfs_factory: Factory,
+                                                       record_property: Callable[[str, object], None]) -> None:
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    path, middle = lower / "huge", 512 * MiB
+    with open(path, "wb") as huge:  # sparse, with real data where we look
+        huge.truncate(GiB)
+        for offset in (0, middle - MiB // 2, GiB - MiB):
+            huge.seek(offset)
+            huge.write(os.urandom(MiB))
+    original = read_at(path, middle - MiB // 2, MiB)
+    before = lower_fingerprint(path, middle)
+    mount = mmfs_factory("overlay", str(lower), options="size=1g")
+    pid, target = mount.process.pid, mount.path / "huge"
+
+    fd = os.open(target, os.O_RDWR)
+    deltas: list[int] = []
+    try:
+        assert os.pread(fd, PAGE, middle) == original[MiB // 2 : MiB // 2 + PAGE]  # warm the read path
+        for attempt in range(5):  # each on a fresh page; the minimum filters unrelated noise
+            offset = middle + attempt * 16 * PAGE
+            value = bytes([original[MiB // 2 + attempt * 16 * PAGE] ^ 0xFF])
+            start = daemon_memory(pid)
+            assert os.pwrite(fd, value, offset) == 1
+            os.fsync(fd)
+            deltas.append(daemon_memory(pid) - start)
+            if deltas[-1] <= COW_LIMIT:
+                break
+        record_property("cow_deltas_kib", [d // KiB for d in deltas])
+        print(f"\n1-byte write cost (KiB): {[d // KiB for d in deltas]}")
+        drop_cache(fd)
+        window = os.pread(fd, 2 * PAGE, middle - PAGE)
+        assert window[PAGE] == original[MiB // 2] ^ 0xFF  # the byte reads back
+        assert window[:PAGE] == original[MiB // 2 - PAGE : MiB // 2]  # neighbours unchanged
+        assert window[PAGE + 1 :] == original[MiB // 2 + 1 : MiB // 2 + PAGE]
+        assert os.fstat(fd).st_size == GiB
+        assert os.stat(target).st_size == GiB
+    finally:
+        os.close(fd)
+    assert min(deltas) <= COW_LIMIT, f"1 byte cost {[d // KiB for d in deltas]} KiB of daemon memory"
+    assert_alive(mount)
+    stop_mmfs(mount)
+    assert lower_fingerprint(path, middle) == before
+
+
+# --- 6. scale ---------------------------------------------------------------
+DIRS, PER_DIR, MODIFIED = 100, 1000, 70_000
+
+
+def file_content(d: int, n: int) -> bytes:
+    return (f"dir {d:03} file {n:04} ".encode() * 5)[:100] + b"\n"
+
+
+def build_many(lower: Path) -> list[Path]:
+    """DIRS x PER_DIR files of ~100 bytes; returns the relative paths in order."""
+    names = []
+    for d in range(DIRS):
+        directory = lower / f"d{d:03}"
+        directory.mkdir(parents=True)
+        for n in range(PER_DIR):
+            fd = os.open(directory / f"f{n:04}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, file_content(d, n))
+            os.close(fd)
+            names.append(Path(f"d{d:03}/f{n:04}"))
+    return names
+
+
+def appended(rel: Path) -> bytes:
+    return b"appended to " + str(rel).encode() + b"\n"
+
+
+def test_modify_70k_of_100k_lower_files(tmp_path: Path, mmfs_factory: Factory,
+                                        record_property: Callable[[str, object], None]) -> None:
+    lower = tmp_path / "lower"
+    began = time.monotonic()
+    names = build_many(lower)
+    print(f"\nbuilt {len(names)} lower files in {time.monotonic() - began:.1f} s")
+    began = time.monotonic()
+    mount = mmfs_factory("overlay", str(lower), options="size=1g")
+    mount_seconds = time.monotonic() - began
+    record_property("mount_seconds", round(mount_seconds, 2))
+    print(f"mount over {len(names)} files live after {mount_seconds:.2f} s")
+    assert mount_seconds < 3, f"mounting over {len(names)} files took {mount_seconds:.1f} s"
+    mnt, pid = mount.path, mount.process.pid
+
+    began = time.monotonic()
+    for rel in names[:MODIFIED]:
+        fd = os.open(mnt / rel, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, appended(rel))
+        finally:
+            os.close(fd)
+    modify_seconds = time.monotonic() - began
+    record_property("modify_files_per_second", round(MODIFIED / modify_seconds))
+    print(f"modified {MODIFIED} files in {modify_seconds:.1f} s ({MODIFIED / modify_seconds:.0f}/s)")
+    assert_alive(mount)
+    assert map_count(pid) < 1000, f"{map_count(pid)} maps in the daemon"
+    assert fd_count(pid) < 100, f"{fd_count(pid)} fds open in the daemon"
+
+    began = time.monotonic()
+    wrong = []
+    for index, rel in enumerate(names):
+        d, n = divmod(index, PER_DIR)
+        expected = file_content(d, n) + (appended(rel) if index < MODIFIED else b"")
+        if read_uncached(mnt / rel) != expected:
+            wrong.append(str(rel))
+    read_seconds = time.monotonic() - began
+    record_property("read_files_per_second", round(len(names) / read_seconds))
+    print(f"read back {len(names)} files in {read_seconds:.1f} s ({len(names) / read_seconds:.0f}/s)")
+    assert not wrong, f"{len(wrong)} files read back wrong, e.g. {wrong[:5]}"
+    assert sorted(os.listdir(mnt)) == [f"d{d:03}" for d in range(DIRS)]
+    assert map_count(pid) < 1000 and fd_count(pid) < 100
+    assert_alive(mount)
+    began = time.monotonic()
+    stop_mmfs(mount)
+    print(f"unmounted in {time.monotonic() - began:.1f} s")
+    for index in range(0, len(names), 97):  # LOWERDIR untouched (a sample)
+        assert (lower / names[index]).read_bytes() == file_content(*divmod(index, PER_DIR)), names[index]
