@@ -348,7 +348,7 @@ class Filesystem:
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        default_acl = parent.xattrs.get(acl.DEFAULT)
+        default_acl = None if stat.S_ISLNK(mode) else parent.xattrs.get(acl.DEFAULT)
         access_acl = None
         if default_acl is not None:
             mode, access_acl = acl.inherit(default_acl, mode | umask & 0o777)
@@ -391,6 +391,7 @@ class Filesystem:
         inode = self.get(ino)
         if not stat.S_ISLNK(inode.mode):
             raise FsError(errno.EINVAL)
+        self._access(inode)
         return inode.target
 
     def link(self, ino: int, parent_ino: int, name: bytes) -> Inode:
@@ -538,7 +539,7 @@ class Filesystem:
         if size != inode.content.size:
             with storage_errors():
                 inode.content.truncate(size)
-            self._touch(inode)
+        self._touch(inode)  # truncate(2) sets the times even at the same size
 
     # --- open files -----------------------------------------------------
     def _new_handle(self, handle: Handle) -> int:
@@ -675,7 +676,7 @@ class Filesystem:
     def removexattr(self, ino: int, name: bytes) -> None:
         self._check_xattr_name(name)
         inode = self.get(ino)
-        if inode.xattrs.pop(name, None) is None:
+        if inode.xattrs.pop(name, None) is None and name not in (acl.ACCESS, acl.DEFAULT):
             raise FsError(errno.ENODATA)
         self._touch(inode, mtime=False)
 
