@@ -22,7 +22,7 @@ import mmap
 import os
 from typing import Callable, Optional, Union
 
-from .arena import PAGE, PAGES_PER_SLOT, SLOT, Arena, NoSpace
+from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Arena, NoSpace
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -210,8 +210,11 @@ class MapBudget:
         try:
             if self.leases:
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-            mapping = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError:  # a writer has it open, leases unsupported, out of maps...
+        except OSError:  # a writer has it open, or leases are unsupported here
+            return None
+        try:
+            mapping = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE | MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:  # out of address space or VMAs
             if self.leases:
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
             return None
@@ -236,8 +239,9 @@ class CowContent:
     ``AnonContent`` addressed by file offset: truncate-then-extend reads zeros.
     Small files are copied into the arena whole at their first write.
 
-    A backing file that shrank or was changed underneath answers EIO, never
-    SIGBUS: short preads are errors, and mapped files are guarded by leases.
+    A backing file that shrank underneath answers EIO, never SIGBUS: short
+    preads are errors, and a mapped file is guarded by a lease whose break moves
+    the written pages into the arena before the writer may go on.
     """
 
     def __init__(self, arena: Arena, maps: MapBudget, open_backing: Callable[[], int], size: int, blocks: int) -> None:
@@ -254,7 +258,6 @@ class CowContent:
         self.dirty = 0  # bitmask of map pages written (charged to the arena)
         self.copying = False  # copy-on-write into the arena instead of a map
         self.copied = 0  # bitmask of backing pages copied into the tail
-        self.broken = False
         self._fd: Optional[int] = None
 
     @property
@@ -263,8 +266,6 @@ class CowContent:
 
     # --- the backing file -------------------------------------------------
     def _backing_fd(self) -> int:
-        if self.broken:
-            raise BackingGone()
         if self._fd is None:
             self._fd = self.open_backing()
         return self._fd
@@ -277,7 +278,7 @@ class CowContent:
 
     def _lower_read(self, offset: int, length: int) -> Buffer:
         if self.map is not None:
-            if self.broken or self.map.size() < self.original_size:
+            if self.map.size() < self.original_size:
                 raise BackingGone()
             return self.map[offset : offset + length]
         pieces: list[Buffer] = []
@@ -353,7 +354,7 @@ class CowContent:
 
     def _map_write(self, offset: int, data: memoryview) -> int:
         assert self.map is not None
-        if self.broken or self.map.size() < self.original_size:
+        if self.map.size() < self.original_size:
             raise BackingGone()
         first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
         fresh = (((1 << (last - first + 1)) - 1) << first) & ~self.dirty
@@ -377,22 +378,29 @@ class CowContent:
             return
         self.arena.give_pages(dropped.bit_count())
         self.dirty &= ~dropped
-        if not self.broken:
-            self.map.madvise(mmap.MADV_DONTNEED, first_page * PAGE, len(self.map) - first_page * PAGE)
+        self.map.madvise(mmap.MADV_DONTNEED, first_page * PAGE, len(self.map) - first_page * PAGE)
 
     # --- lifetime -----------------------------------------------------------
     def lease_broken(self) -> bool:
         return self._fd is not None and fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK
 
     def retire(self) -> None:
-        """The backing file is about to change: drop the map and answer EIO from now on."""
-        self.broken = True
+        """The backing file is about to change (its writer waits for us): keep the
+        pages written so far by moving them into the arena, and drop the map."""
+        assert self.map is not None
+        pages = [page for page in range(self.dirty.bit_length()) if self.dirty >> page & 1]
+        saved = [self.map[page * PAGE : min((page + 1) * PAGE, self.lower_size)] for page in pages]
         self._unmap()
+        for page, data in zip(pages, saved):
+            self.tail.write(page * PAGE, data)
+            self.copied |= 1 << page
+        self.copying = True
 
     def _unmap(self) -> None:
         if self.map is not None:
             self._drop_dirty_from(0)
             self.map.close()
+            self.map = None
             self.maps.mapped.discard(self)
         self._close_backing()  # closing the last descriptor gives the lease up
 
@@ -414,6 +422,6 @@ class CowContent:
         self._close_backing_unless_mapped()
 
     def sync(self) -> None:
-        if self.map is not None and not self.broken:
+        if self.map is not None:
             self.map.flush()
         self.tail.sync()

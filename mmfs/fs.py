@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import os
 import stat
 import time
 from contextlib import contextmanager
@@ -565,13 +566,15 @@ class Filesystem:
         return self.inodes[self.handle(fh).ino]
 
     def read(self, fh: int, offset: int, length: int) -> Buffer:
-        inode = self._file(fh)
+        handle = self.handle(fh)
+        inode = self.inodes[handle.ino]
         assert inode.content is not None
         if offset < 0:
             raise FsError(errno.EINVAL)
         with storage_errors():
             data = inode.content.read(offset, length)
-        self._access(inode)
+        if not handle.flags & os.O_NOATIME:
+            self._access(inode)
         return data
 
     def _access(self, inode: Inode) -> None:

@@ -30,7 +30,7 @@ OPEN_TREE_CLONE, AT_RECURSIVE, AT_EMPTY_PATH, AT_FDCWD = 1, 0x8000, 0x1000, -100
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 MOUNT_ATTR_NOATIME, MOUNT_ATTR__ATIME, MOUNT_ATTR_NOSYMFOLLOW = 0x10, 0x70, 0x200000
 RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
-KEPT_XATTRS = (b"user.", b"trusted.", b"security.")
+KEPT_XATTRS = (b"user.", b"trusted.", b"security.", b"system.posix_acl_access", b"system.posix_acl_default")
 
 
 class _OpenHow(ctypes.Structure):

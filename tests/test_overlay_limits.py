@@ -706,3 +706,30 @@ def test_modify_70k_of_100k_lower_files(tmp_path: Path, mmfs_factory: Factory,
     print(f"unmounted in {time.monotonic() - began:.1f} s")
     for index in range(0, len(names), 97):  # LOWERDIR untouched (a sample)
         assert (lower / names[index]).read_bytes() == file_content(*divmod(index, PER_DIR)), names[index]
+
+
+def test_writer_opening_a_mapped_backing_file_keeps_the_written_pages(tmp_path: Path, mmfs_factory: Factory) -> None:
+    """Someone opens a privately mapped backing file for writing: the lease break
+    moves the pages written on the mount into the arena before the opener may go
+    on, so the mount still shows its own bytes and, for the rest, the file."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    original = random.Random(7).randbytes(4 << 20)
+    make_file(lower / "big", original)
+    mount = mmfs_factory("overlay", str(lower), options="size=64m")
+    with open(mount.path / "big", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"mount bytes")
+        f.flush()
+        maps_before = map_count(mount.process.pid)
+        os.close(os.open(lower / "big", os.O_WRONLY))  # blocks until the daemon let go
+        assert wait_for(lambda: map_count(mount.process.pid) < maps_before)
+        expected = bytearray(original)
+        expected[1 << 20 : (1 << 20) + 11] = b"mount bytes"
+        assert read_uncached(mount.path / "big") == bytes(expected)
+        f.seek(3 << 20)
+        f.write(b"more")  # goes on in the arena
+    expected[3 << 20 : (3 << 20) + 4] = b"more"
+    assert read_uncached(mount.path / "big") == bytes(expected)
+    assert (lower / "big").read_bytes() == original
+    assert_alive(mount)

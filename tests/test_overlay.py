@@ -1,0 +1,1431 @@
+"""Overlay mode: a scratch copy-on-write view of LOWERDIR, checked against kernel tmpfs.
+
+``mmfs overlay LOWERDIR MNT`` must behave exactly like a copy of LOWERDIR on a
+kernel tmpfs, errno for errno, while LOWERDIR itself is never touched: not its
+data, metadata, xattrs or timestamps, access times included.
+
+LOWERDIR lives under pytest's ``tmp_path`` on the ordinary disk filesystem, like
+a user's directory.  ``build_lower`` fills it with every awkward kind of entry;
+``age`` then gives every entry old times, so that any read of LOWERDIR through a
+path that honours atime (relatime updates an atime older than a day) shows in
+the final snapshot.  The test's own reading of LOWERDIR never updates an atime:
+directories and files are opened with ``O_NOATIME`` (root may), the lstat pass
+of a snapshot runs before anything else, and symlinks (whose atime ``readlink``
+updates) have their atime settled by ``age`` beforehand.  So no warm-up walk is
+needed and atimes are compared strictly.  Every test ends with ``finish``:
+LOWERDIR's snapshot and content hashes are unchanged while the overlay is
+mounted, and again after it is unmounted.
+
+The oracle is ``cp -a LOWERDIR`` on a kernel tmpfs (the ``kernel_tmpfs``
+fixture), aged like LOWERDIR.  The same operations run on both; every result
+and errno, then the final trees, must be equal.  Timestamps and inode numbers
+are never compared across the two filesystems (except which times an operation
+changes); ``st_blocks`` only for files created on the mount, since a lower
+file's blocks are the backing filesystem's business.
+
+Tests:
+
+* ``test_random_operations_match_tmpfs_copy``: seeded random sequences over
+  lower and new names (writes into the large lower file and past EOF, truncate,
+  renames of files and whole lower directories with all renameat2 flags, hard
+  links read through every name after a write through one, mmap, xattrs...);
+  "mapped" runs let mmfs map large lower files privately, "arena" runs hold
+  them open for writing elsewhere so that their pages are copied to the arena.
+* ``test_mount_starts_as_exact_view``: every stat field, xattr, target, hard-link
+  group and byte as in LOWERDIR; ``rsync -anciHAX --delete`` finds nothing.
+* Scenarios run on both sides: recreated directories are empty, renamed lower
+  directories keep their contents, lower hard links are one inode, privileges
+  drop as on tmpfs, a lower file larger than RAM is writable, lower ACLs show.
+* Real tools: git checkout / clean -fdx / make / status, ``sed -i`` over 200
+  files, ``rm -rf`` of everything.
+* Timestamps: the same times of lower entries change as on tmpfs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import mmap
+import os
+import random
+import socket
+import stat
+import struct
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+from conftest import Mount, stop_mmfs
+
+MiB = 1 << 20
+PAGE = mmap.PAGESIZE
+SLOT = 64 * 1024  # mmfs's unit of anonymous storage
+BIG_SIZE = 6 * MiB + 1234  # the large lower file: not page aligned
+OLD_NS = 1_000_000_000 * 10**9  # September 2001: relatime updates such an atime on any read
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+NOATIME_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC
+
+Result = tuple[Any, ...]
+Tree = dict[bytes, dict[str, Any]]
+Factory = Callable[..., Mount]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def renameat2(old: bytes, new: bytes, flags: int) -> None:
+    if _libc.renameat2(AT_FDCWD, old, AT_FDCWD, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def join(root: Path | bytes, rel: bytes) -> bytes:
+    base = os.fsencode(root)
+    return base + b"/" + rel if rel else base
+
+
+def attempt(action: Callable[[], Any]) -> Result:
+    """("ok", value) or ("err", errno name): what two filesystems must agree on."""
+    try:
+        return ("ok", action())
+    except OSError as error:
+        return ("err", errno.errorcode.get(error.errno or 0, str(error.errno)))
+
+
+# --- building LOWERDIR -------------------------------------------------------------
+def put(path: Path, data: bytes, mode: int = 0o644, owner: Optional[tuple[int, int]] = None) -> None:
+    """A regular file; the owner is set before the mode (chown clears setuid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if owner is not None:
+        os.chown(path, *owner)
+    os.chmod(path, mode)
+
+
+def put_sparse(path: Path, size: int, extents: list[tuple[int, bytes]]) -> None:
+    with open(path, "wb") as file:
+        file.truncate(size)
+        for offset, data in extents:
+            file.seek(offset)
+            file.write(data)
+
+
+def build_lower(root: Path) -> None:
+    """Every kind of entry a user's directory holds, with awkward metadata."""
+    rng = random.Random(20240611)
+    root.mkdir()
+    put(root / "docs/readme.txt", b"hello from the lower directory\n" * 40)
+    put(root / "docs/empty", b"")
+    put(root / "docs/notes.md", b"# notes\n" + rng.randbytes(3000), 0o600, (1000, 1000))
+    put(root / "data/big.bin", rng.randbytes(BIG_SIZE))
+    put(root / "data/medium.bin", rng.randbytes(100 * 1024 + 7))
+    put_sparse(root / "data/sparse.img", 8 * MiB, [(MiB, b"island" * 100), (5 * MiB + 3, rng.randbytes(5000))])
+    put(root / "data/hl1.txt", b"one inode, three names\n" * 30)
+    put(root / "nested/a/file.txt", b"nested file\n")
+    put(root / "nested/a/b/c/deep.txt", rng.randbytes(20000))
+    os.link(root / "data/hl1.txt", root / "nested/a/b/hl2.txt")
+    os.link(root / "data/hl1.txt", root / "data/hl1-again.txt")
+    os.link(root / "data/big.bin", root / "nested/big.hardlink")
+    put(root / "bin/tool", b"#!/bin/sh\necho tool\n", 0o4755)
+    put(root / "bin/script.sh", b"#!/bin/sh\necho script\n", 0o755)
+    put(root / "bin/group-tool", b"#!/bin/sh\n", 0o2711, (0, 100))
+    put(root / "private/secret", b"top secret\n", 0o600, (1001, 1002))
+    put(root / "locked/inside.txt", b"behind a mode 000 directory\n", 0o000)
+    put(root / "setgid/member.txt", b"group file\n", 0o664, (1000, 1000))
+    put(root / "odd/new\nline", b"a newline in the name\n")
+    put(Path(os.fsdecode(join(root, b"odd/bad\xff\xfe"))), b"not UTF-8\n")
+    put(root / "odd" / ("n" * 255), b"the longest name\n")
+    (root / "emptydir").mkdir()
+    (root / "links").mkdir()
+    os.symlink("../docs/readme.txt", root / "links/rel")
+    os.symlink("/etc/shadow", root / "links/abs")
+    os.symlink("../..", root / "links/up")
+    os.symlink("../nested", root / "links/dirlink")
+    os.symlink("missing/target", root / "links/dangling")
+    os.chown(root / "links/rel", 1000, 1000, follow_symlinks=False)
+    (root / "misc").mkdir()
+    os.mkfifo(root / "misc/fifo", 0o640)
+    os.mknod(root / "misc/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "misc/socket"))
+    os.chown(root / "private", 1001, 1002)
+    os.chmod(root / "private", 0o700)
+    os.chown(root / "setgid", 1000, 1000)
+    os.chmod(root / "setgid", 0o2775)
+    os.chmod(root / "locked", 0o000)
+    os.setxattr(root / "docs/readme.txt", b"user.comment", b"lower comment")
+    os.setxattr(root / "data/big.bin", b"user.checksum", digest((root / "data/big.bin").read_bytes()).encode())
+    os.setxattr(root / "data/hl1.txt", b"user.shared", b"seen through every name")
+    os.setxattr(root / "data/medium.bin", b"user.large", rng.randbytes(3000))
+    os.setxattr(root / "nested", b"user.dirattr", b"on a directory")
+    os.setxattr(root / "misc", b"user.empty", b"")
+    os.setxattr(root / "docs/notes.md", b"trusted.secret", b"root only")
+    # cap_net_raw+ep (VFS_CAP_REVISION_2): a write or chown must drop it, as on tmpfs
+    os.setxattr(root / "bin/script.sh", b"security.capability", struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0))
+
+
+def build_texts(root: Path, count: int = 200) -> None:
+    """``count`` small text files for sed -i, some with odd owners and modes, two names of one."""
+    for i in range(count):
+        owner = (1000, 1000) if i % 5 == 0 else None
+        put(root / f"texts/f{i:03d}.txt", text_file(i), 0o600 if i % 3 == 0 else 0o644, owner)
+    os.link(root / "texts/f001.txt", root / "texts/link-to-f001.txt")
+    put(root / "texts/untouched.dat", b"no foo in the glob\n")
+
+
+def text_file(i: int) -> bytes:
+    return b"".join(b"line %d of file %d: foo bar foo\n" % (n, i) for n in range(i % 7 + 1))
+
+
+def age(root: Path) -> None:
+    """Old, distinct times on every entry, then settle symlink atimes.
+
+    readlink(2) updates a symlink's atime under relatime while it is not newer
+    than its ctime: read every link once, after ctime is safely in the past,
+    so that later readlinks (the snapshots') leave it alone.
+    """
+    paths = scan(root)
+    for i, rel in enumerate(paths):
+        os.utime(join(root, rel), ns=(OLD_NS + i * 10**9 + 7, OLD_NS - i * 10**9 + 3), follow_symlinks=False)
+    time.sleep(0.05)
+    for rel in paths:
+        if stat.S_ISLNK(os.lstat(join(root, rel)).st_mode):
+            os.readlink(join(root, rel))
+
+
+# --- reading trees without touching atimes -----------------------------------------
+def scan(root: Path | bytes) -> list[bytes]:
+    """Every path under root, relative (root itself is b""), sorted; O_NOATIME, no symlink followed."""
+    out = [b""]
+
+    def visit(rel: bytes) -> None:
+        fd = os.open(join(root, rel), NOATIME_DIR)
+        try:
+            names = sorted(os.fsencode(name) for name in os.listdir(fd))
+        finally:
+            os.close(fd)
+        for name in names:
+            child = rel + b"/" + name if rel else name
+            out.append(child)
+            if stat.S_ISDIR(os.lstat(join(root, child)).st_mode):
+                visit(child)
+
+    visit(b"")
+    return sorted(out)
+
+
+def read_noatime(path: bytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC)
+    try:
+        return b"".join(iter(lambda: os.read(fd, 4 * MiB), b""))
+    finally:
+        os.close(fd)
+
+
+def xattrs(path: bytes) -> dict[str, str]:
+    """Name -> value digest (or errno: an empty security.capability reads as EINVAL)."""
+    out = {}
+    for name in sorted(os.listxattr(path, follow_symlinks=False)):
+        result = attempt(lambda: digest(os.getxattr(path, name, follow_symlinks=False)))
+        out[name] = result[1]
+    return out
+
+
+def snapshot(root: Path, paths: Optional[list[bytes]] = None) -> Tree:
+    """Everything about every entry but its contents; the lstat pass comes first.
+
+    Given ``paths``, no directory is listed at all (only looked up).
+    """
+    paths = scan(root) if paths is None else paths
+    stats = {rel: os.lstat(join(root, rel)) for rel in paths}  # atime-sensitive: before anything else
+    snap: Tree = {}
+    for rel, st in stats.items():
+        path = join(root, rel)
+        snap[rel] = {
+            "type": stat.S_IFMT(st.st_mode),
+            "mode": oct(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "size": st.st_size,
+            "blocks": st.st_blocks,
+            "ino": st.st_ino,
+            "nlink": st.st_nlink,
+            "rdev": st.st_rdev,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+            "atime_ns": st.st_atime_ns,
+            "target": os.readlink(path) if stat.S_ISLNK(st.st_mode) else None,
+            "xattrs": xattrs(path),
+        }
+    return snap
+
+
+def extents_digest(path: bytes) -> str:
+    """A file's bytes hashed extent by extent (SEEK_DATA/SEEK_HOLE), with O_NOATIME:
+    a sparse file of many GiB costs only its data."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        hasher = hashlib.sha256(b"%d:" % size)
+        offset = 0
+        while offset < size:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            end = os.lseek(fd, offset, os.SEEK_HOLE)
+            hasher.update(b"%d:" % offset)
+            while offset < end:
+                chunk = os.pread(fd, min(4 * MiB, end - offset), offset)
+                assert chunk, f"{path!r} shrank while hashed"
+                hasher.update(chunk)
+                offset += len(chunk)
+        return hasher.hexdigest()[:16]
+    finally:
+        os.close(fd)
+
+
+def content_hashes(root: Path) -> dict[bytes, str]:
+    """The contents of every regular file of LOWERDIR: a pass of its own, after the snapshot."""
+    paths = [rel for rel in scan(root) if stat.S_ISREG(os.lstat(join(root, rel)).st_mode)]
+    return {rel: extents_digest(join(root, rel)) for rel in paths}
+
+
+def differences(want: Tree, got: Tree, skip: Callable[[bytes, str], bool] = lambda rel, key: False) -> list[str]:
+    problems = [f"gone: {rel!r}" for rel in sorted(want.keys() - got.keys())]
+    problems += [f"new: {rel!r}" for rel in sorted(got.keys() - want.keys())]
+    for rel in sorted(want.keys() & got.keys()):
+        for key in sorted(want[rel].keys() | got[rel].keys()):
+            if not skip(rel, key) and want[rel].get(key) != got[rel].get(key):
+                problems.append(f"{rel!r} {key}: was {want[rel].get(key)!r}, now {got[rel].get(key)!r}")
+    return problems
+
+
+# --- LOWERDIR must stay as it was --------------------------------------------------
+@dataclass
+class Baseline:
+    """LOWERDIR as the test found it: metadata (atimes included) and contents."""
+
+    root: Path
+    meta: Tree
+    hashes: dict[bytes, str]
+
+    def check(self, dir_atimes: bool = True) -> None:
+        meta = snapshot(self.root)  # before the contents are read
+        hashes = content_hashes(self.root)
+
+        def skip(rel: bytes, key: str) -> bool:
+            return not dir_atimes and key == "atime_ns" and self.meta[rel]["type"] == stat.S_IFDIR
+
+        problems = differences(self.meta, meta, skip)
+        problems += [f"content of {rel!r} changed" for rel, was in self.hashes.items() if hashes.get(rel) != was]
+        assert not problems, "LOWERDIR was modified:\n" + "\n".join(problems[:40])
+
+
+def freeze(lower: Path, oracle: Optional[Path] = None) -> Baseline:
+    """Copy LOWERDIR to the oracle with cp -a, age both alike, record LOWERDIR."""
+    if oracle is not None:
+        subprocess.run(["cp", "-a", f"{lower}/.", f"{oracle}/"], check=True)
+        st = os.stat(lower)  # cp keeps the tmpfs root's sticky bit: make the roots alike
+        os.chown(oracle, st.st_uid, st.st_gid)
+        os.chmod(oracle, stat.S_IMODE(st.st_mode))
+        age(oracle)  # the same times as LOWERDIR: relatime decides alike on both
+    age(lower)
+    meta = snapshot(lower)
+    return Baseline(lower, meta, content_hashes(lower))
+
+
+def finish(mount: Mount, baseline: Baseline, dir_atimes: bool = True) -> None:
+    """LOWERDIR is unchanged with the overlay mounted, and again after a clean unmount."""
+    baseline.check(dir_atimes)
+    stop_mmfs(mount)
+    baseline.check(dir_atimes)
+
+
+@pytest.fixture
+def lower(tmp_path: Path) -> Path:
+    path = tmp_path / "lower"
+    build_lower(path)
+    return path
+
+
+def overlay(mmfs_factory: Factory, lower: Path) -> Mount:
+    return mmfs_factory("overlay", str(lower), options="size=1g")
+
+
+# --- comparing final trees -----------------------------------------------------------
+def describe_tree(root: Path | bytes) -> tuple[Tree, dict[bytes, int]]:
+    """Per path what two filesystems must agree on, and each path's st_ino."""
+    tree: Tree = {}
+    inos: dict[bytes, int] = {}
+    for rel in scan(root):
+        path = join(root, rel)
+        st = os.lstat(path)
+        info: dict[str, Any] = {
+            "mode": oct(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "size": st.st_size,
+            "nlink": st.st_nlink,
+            "rdev": st.st_rdev,
+            "blocks": st.st_blocks,
+            "xattrs": xattrs(path),
+        }
+        if stat.S_ISREG(st.st_mode):
+            info["content"] = digest(read_noatime(path))
+        elif stat.S_ISLNK(st.st_mode):
+            info["target"] = os.readlink(path)
+        tree[rel] = info
+        inos[rel] = st.st_ino
+    return tree, inos
+
+
+def link_groups(inos: dict[bytes, int], modes: dict[bytes, str]) -> set[frozenset[bytes]]:
+    """The names of each non-directory that has several, within one filesystem."""
+    groups: dict[int, set[bytes]] = {}
+    for rel, ino in inos.items():
+        if not stat.S_ISDIR(int(modes[rel], 8)):
+            groups.setdefault(ino, set()).add(rel)
+    return {frozenset(names) for names in groups.values() if len(names) > 1}
+
+
+def compare_trees(oracle: Path | bytes, subject: Path | bytes, lower_inos: set[int], label: str) -> None:
+    """Equal trees; st_blocks only where the oracle's inode was not copied from LOWERDIR."""
+    want, want_inos = describe_tree(oracle)
+    got, got_inos = describe_tree(subject)
+
+    def skip(rel: bytes, key: str) -> bool:
+        return key == "blocks" and want_inos[rel] in lower_inos
+
+    problems = [
+        problem.replace("gone:", "only on tmpfs:").replace("new:", "only on mmfs:")
+        for problem in differences(want, got, skip)
+    ]
+    want_links = link_groups(want_inos, {rel: info["mode"] for rel, info in want.items()})
+    got_links = link_groups(got_inos, {rel: info["mode"] for rel, info in got.items()})
+    if want_links != got_links:
+        problems.append(f"hard links: tmpfs {sorted(map(sorted, want_links))} mmfs {sorted(map(sorted, got_links))}")
+    assert not problems, f"{label}: final trees differ (was = tmpfs, now = mmfs):\n" + "\n".join(problems[:40])
+
+
+def inode_numbers(root: Path) -> set[int]:
+    return {os.lstat(join(root, rel)).st_ino for rel in scan(root)}
+
+
+def both(oracle: Path, mount: Mount, scenario: Callable[[Path], Any], lower_inos: set[int]) -> Any:
+    """Run a scenario on the tmpfs copy, then on the overlay: results and final trees must be equal."""
+    want = scenario(oracle)
+    got = scenario(mount.path)
+    assert want == got, f"{scenario.__name__}:\n  tmpfs {want!r}\n  mmfs  {got!r}"
+    compare_trees(oracle, mount.path, lower_inos, scenario.__name__)
+    return got
+
+
+def listing(root: Path) -> dict[str, tuple[str, int, str]]:
+    """Relative path -> (mode, size, content digest or link target) of a subtree."""
+    out = {}
+    for rel in scan(root):
+        path = join(root, rel)
+        st = os.lstat(path)
+        body = digest(read_noatime(path)) if stat.S_ISREG(st.st_mode) else ""
+        body = os.fsdecode(os.readlink(path)) if stat.S_ISLNK(st.st_mode) else body
+        out[os.fsdecode(rel)] = (oct(st.st_mode), 0 if stat.S_ISDIR(st.st_mode) else st.st_size, body)
+    return out
+
+
+# --- the random differential: operations ---------------------------------------------
+@dataclass
+class Side:
+    """One filesystem under test and the descriptors a sequence holds open on it."""
+
+    root: bytes
+    fds: dict[int, int] = field(default_factory=dict)
+
+    def path(self, rel: bytes) -> bytes:
+        return join(self.root, rel)
+
+    def fd(self, slot: int) -> int:
+        return self.fds.get(slot, -1)  # -1: EBADF, the same on both sides
+
+    def close_all(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def stays_inside(self, rel: bytes, follow: bool) -> bool:
+        """Whether the path (only its parent, if not followed) resolves inside this root."""
+        path = self.path(rel)
+        real = os.path.realpath(path if follow else os.path.dirname(path))
+        return real == self.root or real.startswith(self.root + b"/")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One generated operation; ``touches`` lists (path, whether a final symlink is followed)."""
+
+    name: str
+    args: tuple[Any, ...]
+    touches: tuple[tuple[bytes, bool], ...] = ()
+
+    def __str__(self) -> str:
+        def short(value: Any) -> str:
+            if isinstance(value, bytes) and len(value) > 40:
+                return f"<{len(value)} bytes {digest(value)}>"
+            return repr(value)
+
+        return f"{self.name}({', '.join(map(short, self.args))})"
+
+
+def summary(st: os.stat_result) -> tuple[str, int, int, int, int, int]:
+    """What must agree in a stat during the run (st_blocks: only at the end)."""
+    return (oct(st.st_mode), st.st_size, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev)
+
+
+def read_all(path: bytes) -> tuple[int, str]:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        data = b"".join(iter(lambda: os.read(fd, 4 * MiB), b""))
+    finally:
+        os.close(fd)
+    return len(data), digest(data)
+
+
+def op_open(side: Side, slot: int, path: bytes, flags: int, mode: int) -> Any:
+    old = side.fds.pop(slot, None)
+    if old is not None:
+        os.close(old)
+    fd = os.open(side.path(path), flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)  # a FIFO must not block
+    side.fds[slot] = fd
+    return summary(os.fstat(fd))
+
+
+def op_close(side: Side, slot: int) -> Any:
+    os.close(side.fds.pop(slot, -1))
+
+
+def op_pwrite(side: Side, slot: int, offset: int, data: bytes) -> Any:
+    return os.pwrite(side.fd(slot), data, offset)
+
+
+def op_pread(side: Side, slot: int, offset: int, length: int) -> Any:
+    data = os.pread(side.fd(slot), length, offset)
+    return len(data), digest(data)
+
+
+def op_ftruncate(side: Side, slot: int, size: int) -> Any:
+    os.ftruncate(side.fd(slot), size)
+    return os.fstat(side.fd(slot)).st_size
+
+
+def op_truncate(side: Side, path: bytes, size: int) -> Any:
+    os.truncate(side.path(path), size)
+
+
+def op_write_path(side: Side, path: bytes, offset: int, data: bytes) -> Any:
+    fd = os.open(side.path(path), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return os.pwrite(fd, data, offset), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def op_read_path(side: Side, path: bytes) -> Any:
+    return read_all(side.path(path))
+
+
+def op_hard_links(side: Side, names: tuple[bytes, ...], offset: int, data: bytes) -> Any:
+    """Write through the first name, then read the file through every name."""
+    written = op_write_path(side, names[0], offset, data)
+    return written, [read_all(side.path(name)) for name in names]
+
+
+def op_mmap_write(side: Side, path: bytes, where: float, data: bytes) -> Any:
+    """Write through a MAP_SHARED mapping (write faults only), msync, read it back."""
+    fd = os.open(side.path(path), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return "empty"
+        offset = int(where * size)
+        data = data[: size - offset]
+        with mmap.mmap(fd, size, mmap.MAP_SHARED) as mapping:
+            mapping[offset : offset + len(data)] = data
+            mapping.flush()
+        return len(data), os.pread(fd, len(data), offset) == data
+    finally:
+        os.close(fd)
+
+
+def op_stat(side: Side, path: bytes, follow: bool) -> Any:
+    return summary(os.stat(side.path(path), follow_symlinks=follow))
+
+
+def op_listdir(side: Side, path: bytes) -> Any:
+    return sorted(os.listdir(side.path(path)))
+
+
+def op_mkdir(side: Side, path: bytes, mode: int) -> Any:
+    os.mkdir(side.path(path), mode)
+
+
+def op_rmdir(side: Side, path: bytes) -> Any:
+    os.rmdir(side.path(path))
+
+
+def op_unlink(side: Side, path: bytes) -> Any:
+    os.unlink(side.path(path))
+
+
+def op_rename(side: Side, old: bytes, new: bytes, flags: int) -> Any:
+    renameat2(side.path(old), side.path(new), flags)
+
+
+def op_link(side: Side, old: bytes, new: bytes) -> Any:
+    os.link(side.path(old), side.path(new), follow_symlinks=False)
+    return os.lstat(side.path(new)).st_nlink
+
+
+def op_symlink(side: Side, path: bytes, target: bytes) -> Any:
+    os.symlink(target, side.path(path))
+
+
+def op_readlink(side: Side, path: bytes) -> Any:
+    return os.readlink(side.path(path))
+
+
+def op_chmod(side: Side, path: bytes, mode: int) -> Any:
+    os.chmod(side.path(path), mode)
+    return oct(os.stat(side.path(path)).st_mode)
+
+
+def op_chown(side: Side, path: bytes, uid: int, gid: int, follow: bool) -> Any:
+    os.chown(side.path(path), uid, gid, follow_symlinks=follow)
+    return summary(os.stat(side.path(path), follow_symlinks=follow))
+
+
+def op_utime(side: Side, path: bytes, times: tuple[int, int], follow: bool) -> Any:
+    os.utime(side.path(path), ns=times, follow_symlinks=follow)
+    st = os.stat(side.path(path), follow_symlinks=follow)
+    return st.st_atime_ns, st.st_mtime_ns  # set explicitly: both must report them
+
+
+def op_setxattr(side: Side, path: bytes, name: bytes, value: bytes, flags: int, follow: bool) -> Any:
+    os.setxattr(side.path(path), name, value, flags, follow_symlinks=follow)
+
+
+def op_getxattr(side: Side, path: bytes, name: bytes, follow: bool) -> Any:
+    return digest(os.getxattr(side.path(path), name, follow_symlinks=follow))
+
+
+def op_listxattr(side: Side, path: bytes, follow: bool) -> Any:
+    return sorted(os.listxattr(side.path(path), follow_symlinks=follow))
+
+
+def op_removexattr(side: Side, path: bytes, name: bytes, follow: bool) -> Any:
+    os.removexattr(side.path(path), name, follow_symlinks=follow)
+
+
+def op_mkfifo(side: Side, path: bytes, mode: int) -> Any:
+    os.mkfifo(side.path(path), mode)
+    return summary(os.lstat(side.path(path)))
+
+
+OPERATIONS: dict[str, Callable[..., Any]] = {
+    name[3:]: function for name, function in globals().items() if name.startswith("op_")
+}
+
+
+def run_op(side: Side, op: Op) -> Result:
+    return attempt(lambda: OPERATIONS[op.name](side, *op.args))
+
+
+# --- the random differential: generating operations ---------------------------------
+NEW_NAMES = (b"x", b"y", b"readme.txt", b"a", b"big.bin")
+ORIGINAL_PATHS = (  # may be gone by now; some go through symlinks (the unsafe ones are skipped)
+    b"data/big.bin",
+    b"nested/big.hardlink",
+    b"data/hl1.txt",
+    b"nested/a/b/hl2.txt",
+    b"data/sparse.img",
+    b"data/medium.bin",
+    b"docs/readme.txt",
+    b"nested",
+    b"nested/a",
+    b"links/rel",
+    b"links/dirlink/a/file.txt",
+    b"links/up",
+    b"links/abs",
+    b"misc/fifo",
+    b"locked/inside.txt",
+    b"bin/script.sh",
+)
+SYMLINK_TARGETS = (b"readme.txt", b"big.bin", b"a", b"missing", b".", b"x/y")
+FILE_MODES = (0o644, 0o600, 0o755, 0o4755, 0o2755, 0o000, 0o1777, 0o700)
+DIR_MODES = (0o755, 0o700, 0o2775, 0o1777)
+IDS = (0, 1000, 65534, -1)
+XATTR_NAMES = (
+    b"user.comment",
+    b"user.new",
+    b"user.shared",
+    b"user.dirattr",
+    b"user.large",
+    b"trusted.secret",
+    b"trusted.x",
+    b"security.capability",
+)
+SLOTS = 3
+
+
+@dataclass
+class Pool:
+    """What exists on the oracle right now: most operations pick from it."""
+
+    paths: list[bytes]
+    dirs: list[bytes]
+    files: list[bytes]  # regular files
+    links: list[tuple[bytes, ...]]  # the names of each regular file that has several
+    slots: list[int]  # descriptor slots open on the oracle
+
+
+def current_pool(side: Side) -> Pool:
+    paths = scan(side.root)
+    stats = {rel: os.lstat(side.path(rel)) for rel in paths}
+    files = [rel for rel in paths if stat.S_ISREG(stats[rel].st_mode)]
+    by_inode: dict[int, list[bytes]] = {}
+    for rel in files:
+        by_inode.setdefault(stats[rel].st_ino, []).append(rel)
+    links = [tuple(names) for names in by_inode.values() if len(names) > 1]
+    dirs = [rel for rel in paths if stat.S_ISDIR(stats[rel].st_mode)]
+    return Pool([rel for rel in paths if rel], dirs, files, links, sorted(side.fds))
+
+
+def gen_path(rng: random.Random, pool: Pool) -> bytes:
+    kind = rng.random()
+    if kind < 0.55 and pool.paths:
+        return rng.choice(pool.paths)
+    if kind < 0.85:
+        parent, name = rng.choice(pool.dirs), rng.choice(NEW_NAMES)
+        return parent + b"/" + name if parent else name
+    return rng.choice(ORIGINAL_PATHS)
+
+
+def gen_file(rng: random.Random, pool: Pool) -> bytes:
+    """Mostly a regular file that exists (most of them came from LOWERDIR)."""
+    return rng.choice(pool.files) if pool.files and rng.random() < 0.75 else gen_path(rng, pool)
+
+
+def gen_slot(rng: random.Random, pool: Pool) -> int:
+    """Mostly a slot with an open descriptor (else EBADF on both sides)."""
+    return rng.choice(pool.slots) if pool.slots and rng.random() < 0.85 else rng.randrange(SLOTS)
+
+
+def gen_offset(rng: random.Random) -> int:
+    kind = rng.random()
+    if kind < 0.3:
+        return rng.randrange(3 * PAGE)
+    if kind < 0.45:
+        return rng.randrange(1, 40) * PAGE + rng.choice((-1, 0, 1))
+    if kind < 0.75:
+        return rng.randrange(BIG_SIZE)  # into the middle of the large lower file
+    if kind < 0.85:
+        return BIG_SIZE + rng.randrange(-3 * PAGE, 3 * PAGE)  # around its end
+    return rng.randrange(BIG_SIZE, 10 * MiB)  # past the end of anything
+
+
+def gen_data(rng: random.Random) -> bytes:
+    kind = rng.random()
+    if kind < 0.05:
+        return b""
+    if kind < 0.45:
+        return rng.randbytes(rng.randrange(1, 64))
+    if kind < 0.9:
+        return rng.randbytes(rng.randrange(64, 3 * PAGE))
+    return rng.randbytes(rng.randrange(SLOT, 3 * SLOT))  # spans 64 KiB slots
+
+
+def gen_size(rng: random.Random) -> int:
+    kind = rng.random()
+    if kind < 0.15:
+        return 0
+    if kind < 0.45:
+        return rng.randrange(3 * PAGE)
+    if kind < 0.75:
+        return rng.randrange(BIG_SIZE)
+    if kind < 0.85:
+        return BIG_SIZE + rng.randrange(-PAGE, PAGE)
+    return rng.randrange(BIG_SIZE, 10 * MiB)
+
+
+def gen_open_flags(rng: random.Random) -> int:
+    flags = rng.choices((os.O_RDONLY, os.O_WRONLY, os.O_RDWR), weights=(2, 2, 6))[0]
+    for extra, chance in ((os.O_CREAT, 0.4), (os.O_EXCL, 0.15), (os.O_TRUNC, 0.1), (os.O_APPEND, 0.1)):
+        if rng.random() < chance:
+            flags |= extra
+    return flags
+
+
+Generator = Callable[[random.Random, Pool], Op]
+Chooser = Callable[[random.Random, Pool], bytes]
+ArgMaker = Callable[[random.Random], tuple[Any, ...]]
+
+
+def no_args(rng: random.Random) -> tuple[Any, ...]:
+    return ()
+
+
+def path_op(name: str, follow: Optional[bool], extra: ArgMaker = no_args, choose: Chooser = gen_path) -> Generator:
+    """An operation on one path; ``follow`` None: drawn, and passed as the last argument."""
+
+    def generate(rng: random.Random, pool: Pool) -> Op:
+        path = choose(rng, pool)
+        args = extra(rng)
+        if follow is None:
+            drawn = rng.random() < 0.6
+            return Op(name, (path, *args, drawn), ((path, drawn),))
+        return Op(name, (path, *args), ((path, follow),))
+
+    return generate
+
+
+def fd_op(name: str, extra: ArgMaker) -> Generator:
+    def generate(rng: random.Random, pool: Pool) -> Op:
+        return Op(name, (gen_slot(rng, pool), *extra(rng)))
+
+    return generate
+
+
+def two_path_op(name: str, extra: ArgMaker = no_args) -> Generator:
+    """rename and link: neither final component is followed."""
+
+    def generate(rng: random.Random, pool: Pool) -> Op:
+        old, new = gen_path(rng, pool), gen_path(rng, pool)
+        return Op(name, (old, new, *extra(rng)), ((old, False), (new, False)))
+
+    return generate
+
+
+def gen_open(rng: random.Random, pool: Pool) -> Op:
+    path = gen_file(rng, pool)
+    args = (rng.randrange(SLOTS), path, gen_open_flags(rng), rng.choice(FILE_MODES))
+    return Op("open", args, ((path, True),))
+
+
+def gen_hard_links(rng: random.Random, pool: Pool) -> Op:
+    """Write through one name of a hard-linked file, read through all of them."""
+    names = list(rng.choice(pool.links)) if pool.links else [b"data/big.bin", b"nested/big.hardlink"]
+    rng.shuffle(names)
+    return Op("hard_links", (tuple(names), gen_offset(rng), gen_data(rng)), tuple((name, True) for name in names))
+
+
+def xattr_args(rng: random.Random) -> tuple[Any, ...]:
+    value = rng.randbytes(rng.choice((0, 1, 30, 300)))
+    return rng.choice(XATTR_NAMES), value, rng.choice((0, 0, os.XATTR_CREATE, os.XATTR_REPLACE))
+
+
+GENERATORS: list[tuple[int, Generator]] = [
+    (10, gen_open),
+    (3, lambda r, p: Op("close", (r.randrange(SLOTS),))),
+    (10, fd_op("pwrite", lambda r: (gen_offset(r), gen_data(r)))),
+    (7, fd_op("pread", lambda r: (gen_offset(r), r.choice((1, 100, PAGE, 3 * PAGE + 5, SLOT + 9))))),
+    (3, fd_op("ftruncate", lambda r: (gen_size(r),))),
+    (8, path_op("write_path", True, lambda r: (gen_offset(r), gen_data(r)), gen_file)),
+    (7, path_op("read_path", True, choose=gen_file)),
+    (4, gen_hard_links),
+    (3, path_op("mmap_write", True, lambda r: (r.random(), r.randbytes(r.randrange(1, 2 * PAGE))), gen_file)),
+    (4, path_op("truncate", True, lambda r: (gen_size(r),), gen_file)),
+    (5, path_op("stat", None)),
+    (3, path_op("listdir", True)),
+    (6, path_op("mkdir", False, lambda r: (r.choice(DIR_MODES),))),
+    (5, path_op("rmdir", False)),
+    (6, path_op("unlink", False)),
+    (12, two_path_op("rename", lambda r: (r.choices((0, RENAME_NOREPLACE, RENAME_EXCHANGE), weights=(6, 2, 3))[0],))),
+    (4, two_path_op("link")),
+    (3, path_op("symlink", False, lambda r: (r.choice(SYMLINK_TARGETS),))),
+    (2, path_op("readlink", False)),
+    (3, path_op("chmod", True, lambda r: (r.choice(FILE_MODES),))),
+    (3, path_op("chown", None, lambda r: (r.choice(IDS), r.choice(IDS)))),
+    (2, path_op("utime", None, lambda r: ((r.randrange(10**18), r.randrange(10**18)),))),
+    (4, path_op("setxattr", None, xattr_args)),
+    (2, path_op("getxattr", None, lambda r: (r.choice(XATTR_NAMES),))),
+    (2, path_op("listxattr", None)),
+    (3, path_op("removexattr", None, lambda r: (r.choice(XATTR_NAMES),))),
+    (1, path_op("mkfifo", False, lambda r: (0o644,))),
+]
+
+
+def generate(rng: random.Random, pool: Pool) -> Op:
+    return rng.choices(GENERATORS, weights=[weight for weight, _ in GENERATORS])[0][1](rng, pool)
+
+
+def safe(op: Op, *sides: Side) -> bool:
+    """Never let a path resolve out of its mount (links/abs -> /etc/shadow, links/up -> ../..)."""
+    return all(side.stays_inside(path, follow) for side in sides for path, follow in op.touches)
+
+
+def mismatch(seed: int, step: int, history: list[Op], want: Result, got: Result) -> str:
+    recent = "\n".join(f"    {i}: {op}" for i, op in enumerate(history) if i >= len(history) - 10)
+    return f"seed {seed} step {step}: {history[-1]}\n  tmpfs: {want}\n  mmfs:  {got}\n  last operations:\n{recent}"
+
+
+COPY_UP_LIMIT = 256 * 1024  # mmfs copies smaller lower files whole at their first write
+SEEDS = range(14)
+STEPS = 600
+# With another process holding a large lower file open for writing, mmfs may not
+# lease and map it privately: its copy-on-write pages then go to the arena.
+RUNS = [pytest.param(seed, False, id=f"mapped-{seed}") for seed in SEEDS]
+RUNS += [pytest.param(seed, True, id=f"arena-{seed}") for seed in range(100, 106)]
+
+
+def hold_open_for_writing(lower: Path, baseline: Baseline) -> list[int]:
+    """O_WRONLY descriptors on LOWERDIR's large files (never written: LOWERDIR stays as it is)."""
+    large = [rel for rel, m in baseline.meta.items() if m["type"] == stat.S_IFREG and m["size"] > COPY_UP_LIMIT]
+    return [os.open(join(lower, rel), os.O_WRONLY | os.O_CLOEXEC) for rel in large]
+
+
+@pytest.mark.parametrize("seed, writers", RUNS)
+def test_random_operations_match_tmpfs_copy(
+    seed: int, writers: bool, lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory
+) -> None:
+    """Seeded random sequences over lower and new names: every result, then the final trees, as on tmpfs."""
+    baseline = freeze(lower, kernel_tmpfs)
+    lower_inos = inode_numbers(kernel_tmpfs)
+    held = hold_open_for_writing(lower, baseline) if writers else []
+    mount = overlay(mmfs_factory, lower)
+    oracle = Side(os.fsencode(os.path.realpath(kernel_tmpfs)))
+    subject = Side(os.fsencode(os.path.realpath(mount.path)))
+    rng = random.Random(seed)
+    history: list[Op] = []
+    try:
+        for step in range(STEPS):
+            op = generate(rng, current_pool(oracle))
+            history.append(op)
+            if safe(op, oracle, subject):
+                want, got = run_op(oracle, op), run_op(subject, op)
+                assert want == got, mismatch(seed, step, history, want, got)
+    finally:
+        oracle.close_all()
+        subject.close_all()
+        for fd in held:
+            os.close(fd)
+    compare_trees(oracle.root, subject.root, lower_inos, f"seed {seed}")
+    finish(mount, baseline)
+
+
+# --- the mount starts as an exact view ---------------------------------------------
+VIEW_KEYS = ("type", "mode", "uid", "gid", "nlink", "rdev", "mtime_ns", "ctime_ns", "atime_ns", "target", "xattrs")
+
+
+def rsync_differences(lower: Path, mount: Mount) -> tuple[int, str, str]:
+    """What rsync would change to make the mount LOWERDIR (checksums, hard links, ACLs, xattrs)."""
+    command = ["rsync", "-anciHAX", "--delete", "--open-noatime", f"{lower}/", f"{mount.path}/"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_mount_starts_as_exact_view(lower: Path, mmfs_factory: Factory) -> None:
+    """Every stat field a copy keeps, every xattr, target, hard-link group and byte; rsync agrees."""
+    baseline = freeze(lower)
+    mount = overlay(mmfs_factory, lower)
+    view = snapshot(mount.path, list(baseline.meta))  # looked up, not listed: atimes as they were
+    assert scan(mount.path) == list(baseline.meta)
+    problems = [
+        f"{rel!r} {key}: lower {baseline.meta[rel][key]!r}, mount {view[rel][key]!r}"
+        for rel in sorted(view)
+        for key in VIEW_KEYS + (("size",) if view[rel]["type"] != stat.S_IFDIR else ())
+        if baseline.meta[rel][key] != view[rel][key]
+    ]
+    assert not problems, "\n".join(problems)
+
+    def groups(tree: Tree) -> set[frozenset[bytes]]:
+        inos = {rel: info["ino"] for rel, info in tree.items()}
+        return link_groups(inos, {rel: info["mode"] for rel, info in tree.items()})
+
+    assert groups(view) == groups(baseline.meta) and len(groups(view)) == 2
+    unequal = [rel for rel in baseline.hashes if read_noatime(join(mount.path, rel)) != read_noatime(join(lower, rel))]
+    assert not unequal, f"contents differ: {unequal}"
+    assert rsync_differences(lower, mount) == (0, "", "")
+    finish(mount, baseline, dir_atimes=False)  # rsync lists LOWERDIR's directories itself
+
+
+# --- scenarios on the tmpfs copy and on the overlay ------------------------------------
+def recreate_directories(root: Path) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    subprocess.run(["rm", "-rf", root / "nested"], check=True)
+    os.mkdir(root / "nested")
+    seen["nested"] = os.listdir(root / "nested")
+    os.rmdir(root / "emptydir")  # never listed before
+    os.mkdir(root / "emptydir", 0o700)
+    seen["emptydir"] = (os.listdir(root / "emptydir"), oct(os.stat(root / "emptydir").st_mode))
+    seen["rmdir data"] = attempt(lambda: os.rmdir(root / "data"))
+    subprocess.run(["rm", "-rf", root / "data"], check=True)
+    os.mkdir(root / "data")
+    seen["data"] = os.listdir(root / "data")
+    (root / "data/big.bin").write_bytes(b"small now")
+    seen["big"] = (root / "data/big.bin").read_bytes(), os.listxattr(root / "data/big.bin")
+    os.unlink(root / "docs/readme.txt")
+    (root / "docs/readme.txt").touch()
+    seen["readme"] = (root / "docs/readme.txt").read_bytes(), os.listxattr(root / "docs/readme.txt")
+    subprocess.run(["rm", "-rf", root / "locked"], check=True)
+    os.mkdir(root / "locked")
+    seen["locked"] = os.listdir(root / "locked")
+    subprocess.run(["rm", "-rf", root / "private"], check=True)
+    os.rename(root / "bin", root / "private")
+    seen["private"] = sorted(os.listdir(root / "private"))
+    seen["hl2"] = os.stat(root / "nested").st_nlink, attempt(lambda: os.stat(root / "nested/a/b/hl2.txt"))
+    return seen
+
+
+def test_deleted_and_recreated_directory_is_empty(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """rm -rf then mkdir gives an empty directory; a recreated file is new and empty."""
+    baseline = freeze(lower, kernel_tmpfs)
+    lower_inos = inode_numbers(kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    seen = both(kernel_tmpfs, mount, recreate_directories, lower_inos)
+    assert seen["nested"] == seen["data"] == seen["locked"] == [] and seen["emptydir"] == ([], "0o40700")
+    assert seen["rmdir data"] == ("err", "ENOTEMPTY")
+    assert seen["big"] == (b"small now", []) and seen["readme"] == (b"", [])
+    assert seen["private"] == ["group-tool", "script.sh", "tool"]
+    finish(mount, baseline)
+
+
+def rename_directories(root: Path) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    os.rename(root / "nested", root / "data/moved")  # nothing listed it before
+    seen["moved"] = listing(root / "data/moved")
+    seen["old name"] = attempt(lambda: os.stat(root / "nested"))
+    hl1, hl2 = os.stat(root / "data/hl1.txt"), os.stat(root / "data/moved/a/b/hl2.txt")
+    seen["hard link"] = (hl1.st_ino == hl2.st_ino, hl1.st_nlink, hl2.st_nlink)
+    with open(root / "data/moved/a/b/hl2.txt", "r+b") as file:
+        file.write(b"THROUGH THE MOVED NAME")
+    seen["other name"] = (root / "data/hl1.txt").read_bytes()[:40]
+    seen["big via moved"] = digest((root / "data/moved/big.hardlink").read_bytes())
+    seen["listed docs"] = sorted(os.listdir(root / "docs"))
+    os.rename(root / "docs", root / "documents")  # listed before
+    seen["documents"] = listing(root / "documents")
+    renameat2(join(root, b"bin"), join(root, b"private"), RENAME_EXCHANGE)
+    seen["exchanged"] = sorted(os.listdir(root / "bin")), sorted(os.listdir(root / "private"))
+    os.rename(root / "setgid", root / "emptydir")  # over an empty lower directory
+    seen["over empty"] = listing(root / "emptydir")
+    seen["over non-empty"] = attempt(lambda: os.rename(root / "misc", root / "documents"))
+    seen["into itself"] = attempt(lambda: os.rename(root / "data", root / "data/moved/inside"))
+    seen["noreplace"] = attempt(lambda: renameat2(join(root, b"links"), join(root, b"data"), RENAME_NOREPLACE))
+    subprocess.run(["mv", root / "data/moved/a", root / "documents/"], check=True)
+    (root / "documents/a/new.txt").write_bytes(b"created in a moved lower directory")
+    seen["mv"] = listing(root / "documents/a")
+    seen["links"] = [os.readlink(root / "links" / name) for name in sorted(os.listdir(root / "links"))]
+    seen["nlinks"] = {name: os.stat(root / name).st_nlink for name in ("", "data", "data/moved", "documents")}
+    return seen
+
+
+def test_renamed_lower_directory_keeps_its_contents(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """Renaming whole lower directories (listed or not) works, never EXDEV, and their contents follow."""
+    baseline = freeze(lower, kernel_tmpfs)
+    expected = listing(lower / "nested")  # O_NOATIME: the baseline's atimes stay valid
+    lower_inos = inode_numbers(kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    seen = both(kernel_tmpfs, mount, rename_directories, lower_inos)
+    assert seen["moved"] == expected and seen["old name"] == ("err", "ENOENT")
+    assert seen["hard link"] == (True, 3, 3) and seen["other name"].startswith(b"THROUGH THE MOVED NAME")
+    assert seen["over non-empty"] == ("err", "ENOTEMPTY") and seen["into itself"] == ("err", "EINVAL")
+    assert seen["noreplace"] == ("err", "EEXIST") and "new.txt" in seen["mv"]
+    finish(mount, baseline)
+
+
+def hard_link_scenario(root: Path) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    seen["hl1"] = os.stat(root / "data/hl1.txt").st_nlink  # its name in nested/ not listed yet
+    os.unlink(root / "data/hl1.txt")
+    seen["again"] = os.stat(root / "data/hl1-again.txt").st_nlink
+    seen["hl2"] = os.stat(root / "nested/a/b/hl2.txt").st_nlink  # listed after the unlink
+    big, other = root / "data/big.bin", root / "nested/big.hardlink"
+    seen["big"] = (os.stat(big).st_ino == os.stat(other).st_ino, os.stat(big).st_nlink)
+    with open(big, "r+b") as file:
+        file.seek(3 * MiB + 17)
+        file.write(b"written through data/big.bin")
+        file.seek(BIG_SIZE + 5000)
+        file.write(b"past the end")
+    data = other.read_bytes()
+    seen["read other"] = (len(data), digest(data), data[3 * MiB + 17 : 3 * MiB + 45])
+    os.truncate(other, 2 * MiB + 1)
+    seen["truncated"] = os.stat(big).st_size, digest(big.read_bytes())
+    os.unlink(big)
+    seen["after unlink"] = os.stat(other).st_nlink
+    os.link(other, root / "docs/third")
+    seen["after link"] = os.stat(other).st_nlink, os.stat(root / "docs/third").st_nlink
+    with open(root / "nested/a/b/hl2.txt", "ab") as file:
+        file.write(b"appended")
+    again = root / "data/hl1-again.txt"
+    seen["small"] = again.read_bytes()[-20:], os.getxattr(again, "user.shared")
+    return seen
+
+
+def test_lower_hard_links_are_one_inode(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """Hard-linked lower files: one inode, LOWERDIR's st_nlink, a write seen through every name."""
+    baseline = freeze(lower, kernel_tmpfs)
+    lower_inos = inode_numbers(kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    seen = both(kernel_tmpfs, mount, hard_link_scenario, lower_inos)
+    assert (seen["hl1"], seen["again"], seen["hl2"]) == (3, 2, 2)
+    assert seen["big"] == (True, 2) and seen["read other"][2] == b"written through data/big.bin"
+    assert seen["after unlink"] == 1 and seen["after link"] == (2, 2)
+    assert seen["small"][0].endswith(b"appended")
+    finish(mount, baseline)
+
+
+def privileges_scenario(root: Path) -> dict[str, Any]:
+    """What writes and chown strip from lower files: capabilities, setuid, setgid."""
+    seen: dict[str, Any] = {}
+    with open(root / "bin/script.sh", "ab") as file:
+        file.write(b"echo appended\n")
+    seen["capability after write"] = os.listxattr(root / "bin/script.sh")
+    os.chown(root / "bin/tool", 1000, 1000)
+    seen["setuid after chown"] = oct(os.stat(root / "bin/tool").st_mode)
+    os.chown(root / "bin/group-tool", 0, 0)
+    seen["setgid after chown"] = oct(os.stat(root / "bin/group-tool").st_mode)
+    (root / "setgid/new.txt").touch()
+    os.mkdir(root / "setgid/newdir")
+    news = ("setgid/new.txt", "setgid/newdir")
+    seen["setgid inheritance"] = [(os.stat(root / new).st_gid, oct(os.stat(root / new).st_mode)) for new in news]
+    return seen
+
+
+def test_lower_privileges_drop_like_tmpfs(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """security.capability, setuid and setgid of lower files go exactly when they go on tmpfs."""
+    baseline = freeze(lower, kernel_tmpfs)
+    lower_inos = inode_numbers(kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    seen = both(kernel_tmpfs, mount, privileges_scenario, lower_inos)
+    assert seen["capability after write"] == [] and seen["setuid after chown"] == "0o100755"
+    assert seen["setgid inheritance"] == [(1000, "0o100644"), (1000, "0o42755")]
+    finish(mount, baseline)
+
+
+def memory_bytes() -> int:
+    """RAM plus swap: the overcommit heuristic refuses any private writable mapping larger."""
+    with open("/proc/meminfo") as meminfo:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+    return fields["MemTotal"] + fields["SwapTotal"]
+
+
+def huge_file_scenario(path: Path) -> list[Any]:
+    size = os.stat(path).st_size
+    middle = size // 2 + 3
+    fd = os.open(path, os.O_RDWR)
+    try:
+        seen = [os.pread(fd, 30, size // 2 - 10), os.pwrite(fd, b"written in the middle", middle)]
+        seen += [os.pread(fd, 40, middle - 5), os.pwrite(fd, b"near the end", size - 20), os.pread(fd, 40, size - 40)]
+        seen += [os.pread(fd, 20, 0), os.pwrite(fd, b"FIRST", 0), os.pread(fd, 20, 0)]
+        os.ftruncate(fd, middle + 8)
+        seen += [os.fstat(fd).st_size, os.pread(fd, 40, middle - 5)]
+        os.ftruncate(fd, size)
+        seen += [os.pread(fd, 40, middle - 5), os.pread(fd, 40, size - 40)]
+    finally:
+        os.close(fd)
+    return seen
+
+
+def test_write_into_lower_file_larger_than_memory(tmp_path: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """A sparse lower file (a disk image) larger than RAM+swap is written in the middle as on tmpfs."""
+    size = 2 * memory_bytes() + 12345
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    put_sparse(lower / "disk.img", size, [(0, b"boot sector"), (size // 2, b"lower data"), (size - 30, b"lower tail")])
+    baseline = freeze(lower, kernel_tmpfs)  # cp -a copies the holes as holes
+    mount = overlay(mmfs_factory, lower)
+    want = huge_file_scenario(kernel_tmpfs / "disk.img")
+    got = huge_file_scenario(mount.path / "disk.img")
+    assert got == want
+    assert want[2] == b"\0\0low" + b"written in the middle" + bytes(14)
+    finish(mount, baseline)
+
+
+def add_acls(root: Path) -> None:
+    subprocess.run(["setfacl", "-m", "u:1000:rw,g:100:r", root / "docs/readme.txt"], check=True)
+    subprocess.run(["setfacl", "-m", "u:1001:rwx", "-d", "-m", "g:100:rx,o::-", root / "setgid"], check=True)
+
+
+def acl_scenario(root: Path) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for name in ("docs/readme.txt", "setgid", "setgid/member.txt"):
+        for kind in ("access", "default"):
+            seen[f"{name} {kind}"] = attempt(lambda: digest(os.getxattr(root / name, f"system.posix_acl_{kind}")))
+    (root / "setgid/new.txt").write_bytes(b"inherits the default ACL")
+    os.mkdir(root / "setgid/newdir")
+    os.chmod(root / "docs/readme.txt", 0o600)
+    names = ["docs/readme.txt", "setgid", "setgid/new.txt", "setgid/newdir", "setgid/member.txt"]
+    getfacl = subprocess.run(["getfacl", "-p", *names], cwd=root, capture_output=True, text=True, check=True)
+    seen["getfacl"] = getfacl.stdout
+    return seen
+
+
+def test_lower_posix_acls_are_kept(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """Access and default ACLs of LOWERDIR show on the mount (cp -a keeps them) and are inherited."""
+    add_acls(lower)
+    baseline = freeze(lower, kernel_tmpfs)
+    lower_inos = inode_numbers(kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    view = snapshot(mount.path, list(baseline.meta))
+    problems = [
+        f"{rel!r}: lower {baseline.meta[rel]['xattrs']}, mount {view[rel]['xattrs']}"
+        for rel in baseline.meta
+        if baseline.meta[rel]["xattrs"] != view[rel]["xattrs"]
+    ]
+    assert not problems, "\n".join(problems)
+    assert rsync_differences(lower, mount) == (0, "", "")
+    both(kernel_tmpfs, mount, acl_scenario, lower_inos)
+    finish(mount, baseline, dir_atimes=False)  # rsync lists LOWERDIR's directories itself
+
+
+# --- real tools ------------------------------------------------------------------------
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Lower Author",
+    "GIT_AUTHOR_EMAIL": "lower@example.com",
+    "GIT_COMMITTER_NAME": "Lower Author",
+    "GIT_COMMITTER_EMAIL": "lower@example.com",
+    "GIT_AUTHOR_DATE": "2001-09-09T01:46:40Z",
+    "GIT_COMMITTER_DATE": "2001-09-09T01:46:40Z",
+}
+MAKEFILE = b"hello: hello.o greet.o\n\tcc -o $@ $^\n\n%.o: %.c greeting.h\n\tcc -O2 -c -o $@ $<\n"
+HELLO_C = b'#include "greeting.h"\nint main(void) { greet(); return 0; }\n'
+GREET_C = b'#include <stdio.h>\n#include "greeting.h"\nvoid greet(void) { puts(GREETING); }\n'
+
+
+def tool_env(home: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GIT_", "LD_", "MAKE"))}
+    env.update(GIT_IDENTITY, HOME=str(home), LC_ALL="C", TZ="UTC", GIT_CONFIG_NOSYSTEM="1")
+    return env
+
+
+def sh(cwd: Path, env: dict[str, str], *command: str) -> tuple[int, str]:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{command} in {cwd}: {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.returncode, result.stdout
+
+
+def greeting(text: str) -> bytes:
+    return b'void greet(void);\n#define GREETING "%s"\n' % text.encode()
+
+
+def build_repo(repo: Path, env: dict[str, str]) -> None:
+    """Two branches, packed and loose objects, a Makefile, untracked and ignored leftovers."""
+    repo.mkdir(parents=True)
+    sh(repo, env, "git", "init", "-q", "-b", "main")
+    files = {
+        "Makefile": MAKEFILE,
+        "hello.c": HELLO_C,
+        "greet.c": GREET_C,
+        "greeting.h": greeting("hello from main"),
+        "README.md": b"# demo\n",
+        ".gitignore": b"*.o\nhello\nbuild/\n",
+        "docs/guide.txt": b"guide v1\n",
+    }
+    for name, data in files.items():
+        put(repo / name, data)
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-q", "-m", "initial")
+    sh(repo, env, "git", "checkout", "-q", "-b", "other")
+    put(repo / "greeting.h", greeting("hello from other"))
+    put(repo / "extra/data.txt", b"only on the other branch\n")
+    sh(repo, env, "git", "rm", "-q", "README.md")
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-q", "-m", "other work")
+    sh(repo, env, "git", "checkout", "-q", "main")
+    sh(repo, env, "git", "gc", "-q")
+    put(repo / "docs/guide.txt", b"guide v2\n")
+    sh(repo, env, "git", "commit", "-q", "-am", "main work")  # a loose commit on top of the pack
+    put(repo / "scratch.txt", b"untracked\n")
+    put(repo / "tmp/untracked/deep.txt", b"untracked too\n")
+    put(repo / "build/old.o", b"ignored\n")
+    put(repo / "hello.o", b"stale object\n")
+
+
+def git_workflow(repo: Path, env: dict[str, str]) -> list[tuple[int, str]]:
+    return [
+        sh(repo, env, "git", "status", "--porcelain", "--ignored"),
+        sh(repo, env, "git", "checkout", "-q", "other"),
+        sh(repo, env, "git", "clean", "-fdx"),
+        sh(repo, env, "make", "--no-print-directory"),
+        sh(repo, env, "./hello"),
+        sh(repo, env, "git", "status", "--porcelain"),
+        sh(repo, env, "git", "rev-parse", "--abbrev-ref", "HEAD"),
+        sh(repo, env, "git", "log", "--format=%s"),
+        sh(repo, env, "git", "fsck", "--no-progress"),
+        sh(repo, env, "git", "checkout", "-q", "main"),
+        sh(repo, env, "git", "status", "--porcelain"),
+    ]
+
+
+def test_git_checkout_clean_build_status(tmp_path: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """git checkout, git clean -fdx, make and run the program, git status: as in the tmpfs copy."""
+    env = tool_env(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    lower = tmp_path / "lower"
+    build_repo(lower / "repo", env)
+    baseline = freeze(lower, kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    want = git_workflow(kernel_tmpfs / "repo", env)
+    got = git_workflow(mount.path / "repo", env)
+    assert got == want
+    assert got[0][1] == "?? scratch.txt\n?? tmp/\n!! build/\n!! hello.o\n"
+    assert got[2][1] == "Removing build/\nRemoving hello.o\nRemoving scratch.txt\nRemoving tmp/\n"
+    assert got[4][1] == "hello from other\n" and got[5][1] == "" and got[6][1] == "other\n"
+    assert got[7][1] == "other work\ninitial\n" and got[10][1] == ""
+    assert (mount.path / "repo/README.md").read_bytes() == b"# demo\n"
+    work = {rel: info for rel, info in listing(mount.path / "repo").items() if not rel.startswith(".git/")}
+    oracle = {rel: info for rel, info in listing(kernel_tmpfs / "repo").items() if not rel.startswith(".git/")}
+    assert work == oracle and "hello" in work and "scratch.txt" not in work
+    finish(mount, baseline)
+
+
+def test_sed_in_place_across_many_files(tmp_path: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """sed -i over 200 lower files: new contents on the mount, owners and modes kept, LOWERDIR untouched."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    build_texts(lower)
+    baseline = freeze(lower, kernel_tmpfs)
+    lower_inos = inode_numbers(kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    for root in (kernel_tmpfs, mount.path):
+        files = sorted(str(path) for path in (root / "texts").glob("*.txt"))
+        assert len(files) == 201
+        subprocess.run(["sed", "-i", "s/foo/FOO/g; 1i header", *files], check=True)
+    compare_trees(kernel_tmpfs, mount.path, lower_inos, "sed -i")
+    for i in range(200):
+        path = mount.path / f"texts/f{i:03d}.txt"
+        assert path.read_bytes() == b"header\n" + text_file(i).replace(b"foo", b"FOO")
+        st = os.stat(path)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600 if i % 3 == 0 else 0o644, 1000 if i % 5 == 0 else 0)
+        assert read_noatime(join(lower, b"texts/f%03d.txt" % i)) == text_file(i)  # O_NOATIME: no time changes
+    finish(mount, baseline)
+
+
+def test_rm_rf_everything_leaves_the_mount_empty(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """rm -rf of every entry: an empty mount whose root is like tmpfs's; LOWERDIR intact."""
+    baseline = freeze(lower, kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    for root in (kernel_tmpfs, mount.path):
+        subprocess.run(["rm", "-rf", "--", *(str(root / name) for name in os.listdir(root))], check=True)
+    assert os.listdir(mount.path) == [] == os.listdir(kernel_tmpfs)
+    compare_trees(kernel_tmpfs, mount.path, set(), "rm -rf")
+    os.mkdir(mount.path / "docs")
+    assert os.listdir(mount.path / "docs") == [] and os.stat(mount.path).st_nlink == 3
+    finish(mount, baseline)
+
+
+# --- timestamps of lower entries --------------------------------------------------------
+def read_with(flags: int) -> Callable[[Path], Any]:
+    def action(path: Path) -> Any:
+        fd = os.open(path, flags)
+        try:
+            return os.listdir(fd) if flags & os.O_DIRECTORY else os.read(fd, 100)
+        finally:
+            os.close(fd)
+
+    return action
+
+
+def pwrite_at(offset: int) -> Callable[[Path], Any]:
+    def action(path: Path) -> Any:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            return os.pwrite(fd, b"new bytes", offset)
+        finally:
+            os.close(fd)
+
+    return action
+
+
+def age_link(path: Path) -> None:
+    os.utime(path, ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+
+
+@dataclass(frozen=True)
+class TimeCase:
+    """``action(root / target)``: which times of the target and of ``watched`` change?"""
+
+    target: str
+    action: Callable[[Path], Any]
+    watched: tuple[str, ...] = ()
+    setup: Optional[Callable[[Path], Any]] = None
+
+
+TIME_CASES: dict[str, TimeCase] = {  # in order, on one mount: each case has entries of its own
+    "read": TimeCase("docs/readme.txt", read_with(os.O_RDONLY)),
+    "read O_NOATIME": TimeCase("data/sparse.img", read_with(os.O_RDONLY | os.O_NOATIME)),
+    "listdir": TimeCase("docs", read_with(os.O_RDONLY | os.O_DIRECTORY)),
+    "readlink": TimeCase("links/dangling", os.readlink, setup=age_link),
+    "write small": TimeCase("data/medium.bin", pwrite_at(5000), ("data",)),
+    "write big": TimeCase("data/big.bin", pwrite_at(3 * MiB), ("nested/big.hardlink",)),
+    "truncate": TimeCase("nested/a/file.txt", lambda p: os.truncate(p, 3)),
+    "open O_TRUNC": TimeCase("bin/tool", lambda p: os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))),
+    "chmod": TimeCase("bin/script.sh", lambda p: os.chmod(p, 0o700)),
+    "chown": TimeCase("private/secret", lambda p: os.chown(p, 0, 0)),
+    "setxattr": TimeCase("misc", lambda p: os.setxattr(p, b"user.new", b"v")),
+    "removexattr": TimeCase("docs/readme.txt", lambda p: os.removexattr(p, b"user.comment")),
+    "utime now": TimeCase("docs/notes.md", lambda p: os.utime(p)),
+    "rename": TimeCase(
+        "nested/a/b/c/deep.txt", lambda p: os.rename(p, p.parents[3] / "deep.txt"), ("nested/a/b/c", "nested/a")
+    ),
+    "link": TimeCase("data/hl1.txt", lambda p: os.link(p, p.parents[1] / "bin/hl"), ("bin", "data")),
+    "unlink": TimeCase("docs/empty", os.unlink, ("docs",)),
+    "mkdir": TimeCase("emptydir", lambda p: os.mkdir(p / "new")),
+    "rmdir": TimeCase("nested/a/b/c", os.rmdir, ("nested/a/b",)),  # emptied by "rename"
+}
+
+
+def file_times(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+
+
+def changed_times(root: Path, case: TimeCase) -> set[str]:
+    """Which of atime/mtime/ctime (a/m/c) of the target and the watched paths the action changed."""
+    if case.setup is not None:
+        case.setup(root / case.target)
+    names = (case.target, *case.watched)
+    fds = [os.open(root / name, os.O_PATH | os.O_NOFOLLOW) for name in names]
+    try:
+        before = [file_times(fd) for fd in fds]
+        time.sleep(0.02)
+        case.action(root / case.target)
+        after = [file_times(fd) for fd in fds]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {f"{name}.{kind}" for name, b, a in zip(names, before, after) for kind, x, y in zip("amc", b, a) if x != y}
+
+
+def compare_time_cases(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory, cases: dict[str, TimeCase]) -> None:
+    baseline = freeze(lower, kernel_tmpfs)
+    mount = overlay(mmfs_factory, lower)
+    problems = []
+    for name, case in cases.items():
+        want, got = changed_times(kernel_tmpfs, case), changed_times(mount.path, case)
+        if want != got:
+            problems.append(f"{name}: tmpfs changed {sorted(want)}, mmfs changed {sorted(got)}")
+    assert not problems, "\n".join(problems)
+    finish(mount, baseline)
+
+
+def test_lower_entries_change_times_like_tmpfs(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """Reads, O_NOATIME reads, readlink, writes, renames...: the same times change as on the aged tmpfs copy."""
+    compare_time_cases(lower, kernel_tmpfs, mmfs_factory, TIME_CASES)
+
+
+# Not tested: getdents on a directory opened with O_NOATIME.  tmpfs leaves its
+# atime alone; mmfs cannot, because pyfuse3's opendir() does not pass the open
+# flags, so the daemon updates a directory's atime (relatime) on every listing.
+# The README lists this difference.
