@@ -65,6 +65,11 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.arena = arena
         self.maps = maps  # overlay mode: lower files mapped privately
+        self.initialized = False
+
+    def init(self) -> None:
+        """The kernel's INIT arrived (its reply is sent when this returns)."""
+        self.initialized = True
 
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
         self.fs.loaded(inode)  # a directory's size counts its entries
@@ -186,9 +191,10 @@ class Operations(pyfuse3.Operations):
     def write(self, fh: int, offset: int, data: bytes) -> int:
         return self.fs.write(fh, offset, data)
 
-    @handler
-    def flush(self, fh: int) -> None:
-        self.fs.handle(fh)
+    async def flush(self, fh: int) -> None:
+        """Nothing to do at close(): ENOSYS tells the kernel to stop sending FLUSH,
+        which saves a request round trip on every close."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @handler
     def release(self, fh: int) -> None:
