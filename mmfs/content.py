@@ -37,6 +37,8 @@ def page_mask(inner: int, length: int) -> int:
 class AnonContent:
     """A file's bytes in anonymous shared memory, page-granular and sparse."""
 
+    __slots__ = ("arena", "size", "pages", "_slots", "_held")
+
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self.size = 0

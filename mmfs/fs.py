@@ -96,7 +96,7 @@ class FsConfig:
     root_gid: Optional[int] = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Inode:
     """One file of any type, with every lifetime field in one place."""
 
