@@ -515,8 +515,6 @@ class Filesystem:
     def setattr(self, ino: int, changes: Attrs) -> Inode:
         inode = self.get(ino)
         if changes.size is not None:
-            if inode.content is None:
-                raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
             self._truncate(inode, changes.size)
         if changes.mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(changes.mode)
@@ -534,6 +532,7 @@ class Filesystem:
         return inode
 
     def _truncate(self, inode: Inode, size: int) -> None:
+        self._check_contents(inode)
         assert inode.content is not None
         if size < 0:
             raise FsError(errno.EINVAL)
@@ -551,10 +550,20 @@ class Filesystem:
         return fh
 
     def open(self, ino: int, flags: int) -> int:
-        inode = self.get(ino)
-        if inode.content is None:
-            raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
+        self._check_contents(self.get(ino))
         return self._new_handle(Handle(ino, flags))
+
+    @staticmethod
+    def _check_contents(inode: Inode) -> None:
+        """A regular file with its contents, or the errno that says why not."""
+        if inode.content is not None:
+            return
+        if stat.S_ISREG(inode.mode):
+            # Freed when its last name and handle went: the kernel found it by a
+            # path that is gone (e.g. renamed over meanwhile); ESTALE makes the
+            # kernel look the path up again.
+            raise FsError(errno.ESTALE)
+        raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
 
     def handle(self, fh: int) -> Handle:
         try:
