@@ -89,3 +89,31 @@ class Arena:
 
     def slots_in_use(self) -> int:
         return self._next_slot - len(self._free_slots)
+
+
+class Account:
+    """The pages one file has charged to an arena's budget.
+
+    A file that lost its last name and handle gives its pages back to the budget
+    at once (``settle``), as tmpfs frees them at once, even though the kernel may
+    still hold a reference that keeps the bytes alive until FORGET.  Whatever
+    it frees afterwards is refunded only up to what it still has charged.
+    """
+
+    __slots__ = ("arena", "charged")
+
+    def __init__(self, arena: Arena) -> None:
+        self.arena = arena
+        self.charged = 0
+
+    def take(self, count: int) -> None:
+        self.arena.take_pages(count)
+        self.charged += count
+
+    def give(self, count: int) -> None:
+        count = min(count, self.charged)
+        self.arena.give_pages(count)
+        self.charged -= count
+
+    def settle(self) -> None:
+        self.give(self.charged)

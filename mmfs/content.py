@@ -22,7 +22,7 @@ import mmap
 import os
 from typing import Callable, Optional, Union
 
-from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Arena, NoSpace
+from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, NoSpace
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -37,10 +37,11 @@ def page_mask(inner: int, length: int) -> int:
 class AnonContent:
     """A file's bytes in anonymous shared memory, page-granular and sparse."""
 
-    __slots__ = ("arena", "size", "pages", "_slots", "_held")
+    __slots__ = ("arena", "account", "size", "pages", "_slots", "_held")
 
-    def __init__(self, arena: Arena) -> None:
+    def __init__(self, arena: Arena, account: Optional[Account] = None) -> None:
         self.arena = arena
+        self.account = account or Account(arena)
         self.size = 0
         self.pages = 0  # pages held, for st_blocks
         self._slots: dict[int, int] = {}  # file slot index -> arena slot
@@ -91,7 +92,7 @@ class AnonContent:
                 self._held[index] = 0
             mask = page_mask(inner, n)
             fresh = (mask & ~self._held[index]).bit_count()
-            self.arena.take_pages(fresh)
+            self.account.take(fresh)
             self.pages += fresh
             self._held[index] |= mask
             start = slot * SLOT + inner
@@ -141,7 +142,7 @@ class AnonContent:
         for index in [i for i in self._slots if i >= first_index]:
             keep = (1 << first_bit) - 1 if index == first_index else 0
             dropped = (self._held[index] & ~keep).bit_count()
-            self.arena.give_pages(dropped)
+            self.account.give(dropped)
             self.pages -= dropped
             self._held[index] &= keep
             if self._held[index] == 0:
@@ -157,6 +158,10 @@ class AnonContent:
 
     def closed(self) -> None:
         """The last handle went; nothing to let go of."""
+
+    def uncharge(self) -> None:
+        """Give this file's pages back to the size= budget (it is being freed)."""
+        self.account.settle()
 
     def sync(self) -> None:
         """msync(MS_SYNC) every slot that holds this file's pages."""
@@ -254,7 +259,8 @@ class CowContent:
         self.lower_size = size
         self.original_size = size
         self.lower_pages = min(-(-blocks * 512 // PAGE), -(-size // PAGE))  # as the backing file holds
-        self.tail = AnonContent(arena)  # by file offset: bytes past lower_size, and arena-copied pages
+        self.account = Account(arena)  # the map's written pages and the tail's
+        self.tail = AnonContent(arena, self.account)  # by file offset: bytes past lower_size, and arena-copied pages
         self.tail.size = size
         self.map: Optional[mmap.mmap] = None
         self.dirty = 0  # bitmask of map pages written (charged to the arena)
@@ -360,7 +366,7 @@ class CowContent:
             raise BackingGone()
         first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
         fresh = (((1 << (last - first + 1)) - 1) << first) & ~self.dirty
-        self.arena.take_pages(fresh.bit_count())
+        self.account.take(fresh.bit_count())
         self.dirty |= fresh
         self.map[offset : offset + len(data)] = data
         return len(data)
@@ -378,7 +384,7 @@ class CowContent:
         dropped = self.dirty >> first_page << first_page
         if not dropped or self.map is None:
             return
-        self.arena.give_pages(dropped.bit_count())
+        self.account.give(dropped.bit_count())
         self.dirty &= ~dropped
         self.map.madvise(mmap.MADV_DONTNEED, first_page * PAGE, len(self.map) - first_page * PAGE)
 
@@ -422,6 +428,10 @@ class CowContent:
     def closed(self) -> None:
         """The last handle went: don't keep an unmapped backing file open."""
         self._close_backing_unless_mapped()
+
+    def uncharge(self) -> None:
+        """Give this file's pages back to the size= budget (it is being freed)."""
+        self.account.settle()
 
     def sync(self) -> None:
         if self.map is not None:

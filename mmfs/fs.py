@@ -75,6 +75,7 @@ class Content(Protocol):
     def truncate(self, size: int) -> None: ...
     def release(self) -> None: ...
     def closed(self) -> None: ...
+    def uncharge(self) -> None: ...
     def sync(self) -> None: ...
 
 
@@ -272,20 +273,23 @@ class Filesystem:
         return inode
 
     def _maybe_free(self, inode: Inode) -> None:
-        """Free what a nameless, closed inode holds at once (as tmpfs does); its
-        table entry stays until the kernel forgets its last reference."""
+        """A nameless, closed inode gives its space and its inode back to size=
+        and nr_inodes= at once, as on tmpfs.  Its bytes stay until the kernel
+        forgets its last reference: a path walk that found the name just before
+        it went may still open it."""
         if inode.nlink or inode.opens or inode.ino == ROOT_INO:
+            return
+        self.counted_inodes -= inode.counted
+        inode.counted = False
+        if inode.content is not None:
+            inode.content.uncharge()
+        if inode.lookups:
             return
         if inode.content is not None:
             inode.content.release()
-            inode.content = None
         if inode.lower_key is not None:
             del self._lower_links[inode.lower_key]
-            inode.lower_key = None
-        self.counted_inodes -= inode.counted
-        inode.counted = False
-        if inode.lookups == 0:
-            del self.inodes[inode.ino]
+        del self.inodes[inode.ino]
 
     def remember(self, inode: Inode) -> Inode:
         """The kernel took a reference (an entry reply); it will forget() it."""
@@ -555,15 +559,9 @@ class Filesystem:
 
     @staticmethod
     def _check_contents(inode: Inode) -> None:
-        """A regular file with its contents, or the errno that says why not."""
-        if inode.content is not None:
-            return
-        if stat.S_ISREG(inode.mode):
-            # Freed when its last name and handle went: the kernel found it by a
-            # path that is gone (e.g. renamed over meanwhile); ESTALE makes the
-            # kernel look the path up again.
-            raise FsError(errno.ESTALE)
-        raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
+        """A regular file, or the errno that says what it is instead."""
+        if inode.content is None:
+            raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
 
     def handle(self, fh: int) -> Handle:
         try:
