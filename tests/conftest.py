@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -35,6 +35,16 @@ def is_mounted(path: Path) -> bool:
     target = str(path.resolve())
     with open("/proc/self/mounts") as mounts:
         return any(line.split()[1] == target for line in mounts)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return predicate()
+        time.sleep(interval)
+    return True
 
 
 def mmfs_command(*args: str) -> list[str]:

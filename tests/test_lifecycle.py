@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 
-from conftest import ROOT, Mount, is_mounted, mmfs_command, stop_mmfs
+from conftest import Mount, ROOT, is_mounted, mmfs_command, stop_mmfs, wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
@@ -50,16 +50,6 @@ if done.returncode == 0:
 
 
 # --- helpers ------------------------------------------------------------------
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(interval)
-    return True
-
-
 def daemon_pids(mountpoint: Path) -> set[int]:
     """Pids (other than ours) with ``mountpoint`` as one of their arguments."""
     target = str(mountpoint).encode()

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from conftest import ROOT, Mount, is_mounted, mmfs_command, start_mmfs, stop_mmfs
+from conftest import Mount, ROOT, is_mounted, mmfs_command, start_mmfs, stop_mmfs, wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 KiB = 1 << 10
@@ -44,16 +44,6 @@ Factory = Callable[..., Mount]
 
 
 # --- helpers ------------------------------------------------------------------
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(interval)
-    return True
-
-
 def mounts_under(directory: Path) -> list[str]:
     prefix = str(directory.resolve()) + "/"
     with open("/proc/self/mounts") as mounts:

@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
-from conftest import Mount, is_mounted, start_mmfs, stop_mmfs
+from conftest import Mount, is_mounted, start_mmfs, stop_mmfs, wait_for
 
 PAGE = mmap.PAGESIZE
 KiB = 1 << 10
@@ -437,16 +437,6 @@ class Workers:
 
 
 # --- helpers ----------------------------------------------------------------------
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(interval)
-    return True
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
