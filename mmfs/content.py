@@ -20,11 +20,11 @@ import errno
 import fcntl
 import mmap
 import os
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, NoSpace
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 def page_mask(inner: int, length: int) -> int:
@@ -37,9 +37,9 @@ def page_mask(inner: int, length: int) -> int:
 class AnonContent:
     """A file's bytes in anonymous shared memory, page-granular and sparse."""
 
-    __slots__ = ("arena", "account", "size", "pages", "_slots", "_held")
+    __slots__ = ("_held", "_slots", "account", "arena", "pages", "size")
 
-    def __init__(self, arena: Arena, account: Optional[Account] = None) -> None:
+    def __init__(self, arena: Arena, account: Account | None = None) -> None:
         self.arena = arena
         self.account = account or Account(arena)
         self.size = 0
@@ -210,7 +210,7 @@ class MapBudget:
         self.leases = leases
         self.mapped: set[CowContent] = set()
 
-    def try_map(self, content: "CowContent", fd: int, length: int) -> Optional[mmap.mmap]:
+    def try_map(self, content: CowContent, fd: int, length: int) -> mmap.mmap | None:
         """A writable private map of the backing file, or None to use the arena."""
         if len(self.mapped) >= self.limit:
             return None
@@ -220,7 +220,8 @@ class MapBudget:
         except OSError:  # a writer has it open, or leases are unsupported here
             return None
         try:
-            mapping = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE | MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            flags, prot = mmap.MAP_PRIVATE | MAP_NORESERVE, mmap.PROT_READ | mmap.PROT_WRITE
+            mapping = mmap.mmap(fd, length, flags=flags, prot=prot)
         except OSError:  # out of address space or VMAs
             if self.leases:
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
@@ -262,11 +263,11 @@ class CowContent:
         self.account = Account(arena)  # the map's written pages and the tail's
         self.tail = AnonContent(arena, self.account)  # by file offset: bytes past lower_size, and arena-copied pages
         self.tail.size = size
-        self.map: Optional[mmap.mmap] = None
+        self.map: mmap.mmap | None = None
         self.dirty = 0  # bitmask of map pages written (charged to the arena)
         self.copying = False  # copy-on-write into the arena instead of a map
         self.copied = 0  # bitmask of backing pages copied into the tail
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     @property
     def pages(self) -> int:
@@ -399,7 +400,7 @@ class CowContent:
         pages = [page for page in range(self.dirty.bit_length()) if self.dirty >> page & 1]
         saved = [self.map[page * PAGE : min((page + 1) * PAGE, self.lower_size)] for page in pages]
         self._unmap()
-        for page, data in zip(pages, saved):
+        for page, data in zip(pages, saved, strict=True):
             self.tail.write(page * PAGE, data)
             self.copied |= 1 << page
         self.copying = True

@@ -22,9 +22,10 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Protocol
 
 from . import acl
 from .arena import PAGE, NoSpace
@@ -68,8 +69,9 @@ class Content(Protocol):
     """What the model needs of a regular file's bytes (see content.py)."""
 
     size: int
-    pages: int
 
+    @property
+    def pages(self) -> int: ...  # pages held, for st_blocks
     def read(self, offset: int, length: int) -> Buffer: ...
     def write(self, offset: int, data: Buffer) -> int: ...
     def truncate(self, size: int) -> None: ...
@@ -92,9 +94,9 @@ class FsConfig:
     """Mount-wide settings that the model enforces."""
 
     max_inodes: int = 0  # 0 = unlimited
-    root_mode: Optional[int] = None  # None: 1777, or the lower root's
-    root_uid: Optional[int] = None
-    root_gid: Optional[int] = None
+    root_mode: int | None = None  # None: 1777, or the lower root's
+    root_uid: int | None = None
+    root_gid: int | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -112,16 +114,16 @@ class Inode:
     rdev: int = 0
     lookups: int = 0  # kernel references (lookup/create/... minus forget)
     opens: int = 0  # open handles
-    content: Optional[Content] = None  # regular files
-    entries: Optional[dict[bytes, tuple[int, int]]] = None  # dirs: name -> (ino, cookie)
+    content: Content | None = None  # regular files
+    entries: dict[bytes, tuple[int, int]] | None = None  # dirs: name -> (ino, cookie)
     parent: int = 0  # dirs: the directory holding this one
     next_cookie: int = 3  # dirs: 1 and 2 are "." and ".."
     target: bytes = b""  # symlinks
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    lower: Optional[bytes] = None  # dirs: backing directory not listed yet
+    lower: bytes | None = None  # dirs: backing directory not listed yet
     hidden_links: int = 0  # backing names of this inode not listed yet
     counted: bool = True  # counts against nr_inodes (lower inodes do not)
-    lower_key: Optional[tuple[int, int]] = None  # (st_dev, st_ino) of a hard-linked lower file
+    lower_key: tuple[int, int] | None = None  # (st_dev, st_ino) of a hard-linked lower file
 
     @property
     def is_dir(self) -> bool:
@@ -149,19 +151,19 @@ class Handle:
 
     ino: int
     flags: int = 0
-    listing: Optional[list[tuple[int, bytes]]] = None  # dirs: (cookie, name) snapshot
+    listing: list[tuple[int, bytes]] | None = None  # dirs: (cookie, name) snapshot
 
 
 @dataclass
 class Attrs:
     """The attribute changes of one setattr request (None = unchanged)."""
 
-    mode: Optional[int] = None
-    uid: Optional[int] = None
-    gid: Optional[int] = None
-    size: Optional[int] = None
-    atime_ns: Optional[int] = None
-    mtime_ns: Optional[int] = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
 
 
 class Filesystem:
@@ -172,8 +174,8 @@ class Filesystem:
         new_content: Callable[[], Content],
         config: FsConfig,
         clock: Callable[[], int] = time.time_ns,
-        lower: Optional[Lower] = None,
-        lower_content: Optional[Callable[[LowerEntry], Content]] = None,
+        lower: Lower | None = None,
+        lower_content: Callable[[LowerEntry], Content] | None = None,
     ) -> None:
         self.new_content = new_content
         self.config = config
@@ -311,7 +313,7 @@ class Filesystem:
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
 
-    def _child(self, parent: Inode, name: bytes) -> Optional[Inode]:
+    def _child(self, parent: Inode, name: bytes) -> Inode | None:
         assert parent.entries is not None
         if name == b".":
             return parent
@@ -320,7 +322,7 @@ class Filesystem:
         found = parent.entries.get(name)
         return self.inodes[found[0]] if found else None
 
-    def lookup(self, parent_ino: int, name: bytes) -> Optional[Inode]:
+    def lookup(self, parent_ino: int, name: bytes) -> Inode | None:
         """The named child, with a kernel reference taken; None if absent."""
         self._check_name(name)
         parent = self._dir(parent_ino)

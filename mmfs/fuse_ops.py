@@ -18,7 +18,8 @@ import errno
 import functools
 import logging
 import os
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -34,15 +35,16 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 86400.0
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-def handler(method: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+def handler(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Run a synchronous handler; map model errors and contain bugs."""
 
     @functools.wraps(method)
-    async def wrapper(*args: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return method(*args)
+            return method(*args, **kwargs)
         except FsError as error:
             raise pyfuse3.FUSEError(error.errno) from None
         except pyfuse3.FUSEError:

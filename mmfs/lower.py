@@ -77,7 +77,8 @@ class LowerDir:
     @staticmethod
     def _private_clone(path: str) -> int:
         """A detached read-only noatime clone of the mount, or -1 without privilege."""
-        fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(path), OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+        flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
+        fd = int(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(path), flags))
         if fd < 0:
             return -1
         attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME | MOUNT_ATTR_NOSYMFOLLOW | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID

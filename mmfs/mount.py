@@ -13,7 +13,7 @@ import logging
 import os
 import resource
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 import trio

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -22,7 +21,7 @@ MOUNT_FLAGS = frozenset(
     "nodiratime relatime norelatime strictatime nostrictatime lazytime nolazytime".split()
 )
 # Options that mount(8) uses itself and may still pass along: accepted, no effect.
-IGNORED = frozenset("auto noauto user nouser users _netdev nofail defaults".split())
+IGNORED = frozenset(["auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "defaults"])
 SUFFIXES = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 
@@ -38,12 +37,12 @@ class HelpRequested(Exception):
 class MountConfig:
     mountpoint: str
     source: str = "mmfs"
-    lowerdir: Optional[str] = None
+    lowerdir: str | None = None
     size: int = 0  # bytes; 0 = unlimited
     nr_inodes: int = 0  # 0 = unlimited
-    mode: Optional[int] = None  # None: 1777 (tmpfs) or as LOWERDIR (overlay)
-    uid: Optional[int] = None
-    gid: Optional[int] = None
+    mode: int | None = None  # None: 1777 (tmpfs) or as LOWERDIR (overlay)
+    uid: int | None = None
+    gid: int | None = None
     foreground: bool = False
     debug: bool = False
     fuse_options: set[str] = field(default_factory=set)
