@@ -47,6 +47,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
     return True
 
 
+def read_uncached(path: Path) -> bytes:
+    """The file's bytes as the filesystem has them, not the page cache's copy."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def mmfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mmfs", *args]
 

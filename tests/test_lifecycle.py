@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 
-from conftest import Mount, ROOT, is_mounted, mmfs_command, stop_mmfs, wait_for
+from conftest import Mount, ROOT, is_mounted, mmfs_command, read_uncached, stop_mmfs, wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
@@ -149,19 +149,6 @@ def daemon_shmem(pid: int) -> int:
             seen.add(identity)
             total += os.stat(f"/proc/{pid}/map_files/{fields[0]}").st_blocks * 512
     return total
-
-
-def read_uncached(path: Path) -> bytes:
-    """The file's bytes as the filesystem has them, not the page cache's copy."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        chunks = []
-        while chunk := os.read(fd, MiB):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def sha(data: bytes) -> str:

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from conftest import Mount, ROOT, is_mounted, mmfs_command, start_mmfs, stop_mmfs, wait_for
+from conftest import Mount, ROOT, is_mounted, mmfs_command, read_uncached, start_mmfs, stop_mmfs, wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 KiB = 1 << 10
@@ -65,18 +65,6 @@ def pread_uncached(path: Path, length: int, offset: int) -> bytes:
     try:
         drop_cache(fd)
         return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-def read_uncached(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        drop_cache(fd)
-        chunks = []
-        while chunk := os.read(fd, MiB):
-            chunks.append(chunk)
-        return b"".join(chunks)
     finally:
         os.close(fd)
 

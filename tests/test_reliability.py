@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
-from conftest import Mount, is_mounted, start_mmfs, stop_mmfs, wait_for
+from conftest import Mount, is_mounted, read_uncached, start_mmfs, stop_mmfs, wait_for
 
 PAGE = mmap.PAGESIZE
 KiB = 1 << 10
@@ -443,19 +443,6 @@ def sha(data: bytes) -> str:
 
 def det_bytes(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-def read_uncached(path: Path) -> bytes:
-    """The file's bytes as the filesystem has them, not the page cache's copy."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        chunks = []
-        while chunk := os.read(fd, MiB):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def outcome(action: Callable[[], Any]) -> Any:
