@@ -364,15 +364,11 @@ def check_mount_helper_result(mountpoint: Path, source: str) -> None:
     assert read_uncached(mountpoint / "probe") == b"written through mount(8)"
 
 
-def test_mount_t_fuse_mmfs(tmp_path: Path) -> None:
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
+def mount_with_mount8_and_check(mountpoint: Path, command: list[str]) -> None:
+    """Mount through mount(8), check what it shows, and unmount with umount."""
     pids: set[int] = set()
     try:
-        done = subprocess.run(
-            ["mount", "-t", "fuse.mmfs", "scratch", str(mountpoint), "-o", "size=10m,nr_inodes=100"],
-            env=PATH_ENV, capture_output=True, text=True, timeout=30,
-        )
+        done = subprocess.run(command, env=PATH_ENV, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         assert is_mounted(mountpoint)
         pids = daemon_pids(mountpoint)
@@ -384,24 +380,20 @@ def test_mount_t_fuse_mmfs(tmp_path: Path) -> None:
         cleanup_mount(mountpoint, pids)
 
 
+def test_mount_t_fuse_mmfs(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount_with_mount8_and_check(
+        mountpoint, ["mount", "-t", "fuse.mmfs", "scratch", str(mountpoint), "-o", "size=10m,nr_inodes=100"]
+    )
+
+
 def test_mount_from_private_fstab(tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     fstab = tmp_path / "fstab"
     fstab.write_text(f"# private test fstab\nscratch {mountpoint} fuse.mmfs size=10m,nr_inodes=100,noauto 0 0\n")
-    pids: set[int] = set()
-    try:
-        done = subprocess.run(
-            ["mount", "--fstab", str(fstab), str(mountpoint)], env=PATH_ENV, capture_output=True, text=True, timeout=30
-        )
-        assert done.returncode == 0, done.stderr
-        pids = daemon_pids(mountpoint)
-        assert len(pids) == 1, pids
-        check_mount_helper_result(mountpoint, "scratch")
-        subprocess.run(["umount", str(mountpoint)], check=True)
-        assert wait_for(lambda: gone(mountpoint)), daemon_pids(mountpoint)
-    finally:
-        cleanup_mount(mountpoint, pids)
+    mount_with_mount8_and_check(mountpoint, ["mount", "--fstab", str(fstab), str(mountpoint)])
 
 
 def test_mount_t_fuse_mmfs_bad_option_fails_cleanly(tmp_path: Path) -> None:
