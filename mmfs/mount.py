@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import busy_poll
 from .arena import Arena
 from .content import AnonContent, CowContent, MapBudget
 from .fs import Filesystem, FsConfig
@@ -146,7 +147,8 @@ async def _serve_until_stopped(operations: Operations, mountpoint: str) -> None:
         if operations.maps is not None:
             await nursery.start(_retire_maps_on_lease_break, operations.maps)
         nursery.start_soon(_widen_readahead_after_init, operations, mountpoint)
-        await pyfuse3.main()
+        busy_poll.install()
+        await pyfuse3.main(max_tasks=1)  # no handler awaits: one task serves all
         nursery.cancel_scope.cancel()
 
 

@@ -711,3 +711,41 @@ def test_writer_opening_a_mapped_backing_file_keeps_the_written_pages(tmp_path: 
     assert read_uncached(mount.path / "big") == bytes(expected)
     assert (lower / "big").read_bytes() == original
     assert_alive(mount)
+
+
+BUSY_LOOP = """
+import os, sys
+path = sys.argv[1]
+while True:
+    os.close(os.open(path, os.O_RDONLY))
+"""
+
+
+def test_lease_break_is_answered_while_requests_never_stop(tmp_path: Path, mmfs_factory: Factory) -> None:
+    """The daemon polls for the next request instead of sleeping: a lease break
+    must still be handled between two requests, long before the kernel would
+    give up waiting (lease-break-time) and let the opener go on regardless."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    make_file(lower / "big", bytes(4 << 20))
+    mount = mmfs_factory("overlay", str(lower), options="size=64m")
+    (mount.path / "busy").write_bytes(b"x")
+    clients = [subprocess.Popen(["python3", "-c", BUSY_LOOP, str(mount.path / "busy")]) for _ in range(4)]
+    try:
+        with open(mount.path / "big", "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"mount bytes")
+            f.flush()
+            time.sleep(0.5)  # the clients keep the daemon answering OPEN and RELEASE
+            assert all(client.poll() is None for client in clients)
+            began = time.monotonic()
+            os.close(os.open(lower / "big", os.O_WRONLY))  # waits for the lease break
+            waited = time.monotonic() - began
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+    with open("/proc/sys/fs/lease-break-time") as setting:
+        assert waited < int(setting.read()) / 4, f"the lease break waited {waited:.1f} s"
+    assert read_uncached(mount.path / "big")[1 << 20 : (1 << 20) + 11] == b"mount bytes"
+    assert_alive(mount)
