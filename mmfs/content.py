@@ -368,6 +368,8 @@ class CowContent:
         first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
         fresh = (((1 << (last - first + 1)) - 1) << first) & ~self.dirty
         self.account.take(fresh.bit_count())
+        if fresh:  # a fault would read read_ahead_kb around the page (MiBs): ask for these pages only
+            os.posix_fadvise(self._backing_fd(), first * PAGE, (last - first + 1) * PAGE, os.POSIX_FADV_WILLNEED)
         self.dirty |= fresh
         self.map[offset : offset + len(data)] = data
         return len(data)
