@@ -7,6 +7,12 @@ slots, and inside a slot the pages actually written are tracked by the content.
 Virtual space costs nothing; a page costs memory only once written, and
 ``MADV_REMOVE`` gives it back.
 
+Bytes go in with ``pwrite`` on the region's own shmem file
+(``/proc/self/map_files/``, which only a privileged daemon may open): a write
+into shmem allocates a page without first zero-filling it as a page fault
+does, so storing runs at twice the speed of a copy into the map.  Without
+that file, bytes are copied into the map.
+
 The arena counts pages held against the ``size=`` limit.  It knows only bytes:
 no inodes, no names, no FUSE.  Synchronous; the single-threaded daemon is its
 only caller.
@@ -14,9 +20,12 @@ only caller.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
+import os
 
+Buffer = bytes | bytearray | memoryview
 PAGE = mmap.PAGESIZE
 SLOT = 64 * 1024
 PAGES_PER_SLOT = SLOT // PAGE
@@ -36,15 +45,30 @@ class Arena:
     ``page_limit`` of 0 means unlimited (only the reservation bounds it).
     """
 
-    def __init__(self, reserve_bytes: int, page_limit: int = 0) -> None:
+    def __init__(self, reserve_bytes: int, page_limit: int = 0, store_with_pwrite: bool = True) -> None:
         slots = max(1, reserve_bytes // SLOT)
         self.map = mmap.mmap(-1, slots * SLOT, flags=mmap.MAP_SHARED | MAP_NORESERVE)
         self.view = memoryview(self.map)
+        self.file = shmem_file(self.map) if store_with_pwrite else None
         self.slot_count = slots
         self.page_limit = page_limit
         self.pages_held = 0
         self._free_slots: list[int] = []
         self._next_slot = 0
+
+    def store(self, offset: int, data: Buffer) -> None:
+        """Put ``data`` at ``offset`` of the region."""
+        length = len(memoryview(data))
+        done = os.pwrite(self.file, data, offset) if self.file is not None else 0
+        if done < length:
+            self.view[offset + done : offset + length] = memoryview(data)[done:]
+
+    def load_into(self, target: memoryview, offset: int) -> None:
+        """Fill ``target`` with the bytes at ``offset``: read from the shmem file
+        when there is one (the map would take a fault per page not yet touched)."""
+        done = os.preadv(self.file, [target], offset) if self.file is not None else 0
+        if done < len(target):
+            target[done:] = self.view[offset + done : offset + len(target)]
 
     # --- page budget ----------------------------------------------------
     def pages_free(self) -> int:
@@ -89,6 +113,15 @@ class Arena:
 
     def slots_in_use(self) -> int:
         return self._next_slot - len(self._free_slots)
+
+
+def shmem_file(region: mmap.mmap) -> int | None:
+    """A descriptor of the shmem file behind a shared anonymous map, if we may open it."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))  # the export ends with the statement
+    try:
+        return os.open(f"/proc/self/map_files/{address:x}-{address + len(region):x}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 class Account:

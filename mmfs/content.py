@@ -22,9 +22,7 @@ import mmap
 import os
 from collections.abc import Callable
 
-from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, NoSpace
-
-Buffer = bytes | bytearray | memoryview
+from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, Buffer, NoSpace
 
 
 def page_mask(inner: int, length: int) -> int:
@@ -53,26 +51,31 @@ class AnonContent:
         end = min(self.size, offset + length)
         if offset >= end:
             return b""
-        pieces = [self._read_slot(index, inner, n) for index, inner, n in _segments(offset, end)]
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        out = bytearray(end - offset)
+        target = memoryview(out)
+        for index, inner, n in _segments(offset, end):
+            at = index * SLOT + inner - offset
+            self._read_slot_into(target[at : at + n], index, inner)
+        return out
 
-    def _read_slot(self, index: int, inner: int, length: int) -> Buffer:
+    def _read_slot_into(self, target: memoryview, index: int, inner: int) -> None:
+        """Fill ``target`` from slot ``index`` at ``inner``; pages never written stay zero."""
         slot = self._slots.get(index)
         if slot is None:
-            return bytes(length)
+            return
         held = self._held[index]
         base = slot * SLOT
-        if page_mask(inner, length) & ~held == 0:
-            return self.arena.view[base + inner : base + inner + length]
-        out = bytearray(length)
+        end = inner + len(target)
+        if page_mask(inner, len(target)) & ~held == 0:
+            self.arena.load_into(target, base + inner)
+            return
         pos = inner
-        while pos < inner + length:
+        while pos < end:
             page = pos // PAGE
-            stop = min((page + 1) * PAGE, inner + length)
+            stop = min((page + 1) * PAGE, end)
             if held >> page & 1:
-                out[pos - inner : stop - inner] = self.arena.view[base + pos : base + stop]
+                self.arena.load_into(target[pos - inner : stop - inner], base + pos)
             pos = stop
-        return out
 
     # --- writing ----------------------------------------------------------
     def write(self, offset: int, data: Buffer) -> int:
@@ -97,7 +100,7 @@ class AnonContent:
             self._held[index] |= mask
             start = slot * SLOT + inner
             pos = index * SLOT + inner - offset
-            self.arena.view[start : start + n] = source[pos : pos + n]
+            self.arena.store(start, source[pos : pos + n])
         self.size = max(self.size, end)
         return end - offset
 

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import acl
-from .arena import PAGE, NoSpace
-from .content import Buffer
+from .arena import PAGE, Buffer, NoSpace
 from .lower import LowerEntry
 
 log = logging.getLogger(__name__)

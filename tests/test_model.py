@@ -17,9 +17,12 @@ from mmfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Attrs, Filesyst
 MiB = 1 << 20
 
 
-@pytest.fixture
-def arena() -> Arena:
-    return Arena(256 * MiB, page_limit=(16 * MiB) // PAGE)
+@pytest.fixture(params=[True, False], ids=["pwrite", "copy"])
+def arena(request: pytest.FixtureRequest) -> Arena:
+    """Both ways of storing bytes: pwrite on the shmem file (root) and a copy into the map."""
+    arena = Arena(256 * MiB, page_limit=(16 * MiB) // PAGE, store_with_pwrite=request.param)
+    assert (arena.file is not None) == request.param
+    return arena
 
 
 @pytest.fixture
