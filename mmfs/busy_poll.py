@@ -6,8 +6,9 @@ other CPU), and the reply wakes the client.  A client doing one thing after
 another sends its next request a few microseconds after our reply.  So after
 each request the daemon polls ``/dev/fuse`` for up to ``SPIN`` seconds before
 it goes back to sleep in trio.  On 2 cores this triples creates per second and
-doubles unlinks and 4 KiB writes (docs/BENCHMARKS.md); an idle mount costs
-nothing, a busy one at most ``SPIN`` of CPU per request.
+doubles unlinks and 4 KiB writes (docs/BENCHMARKS.md).  An idle mount costs
+nothing; a busy one at most ``SPIN`` of CPU per request, and less when its
+requests come too far apart for polling to catch them (``PollingWait``).
 
 pyfuse3 waits for the device in one coroutine, ``_wait_fuse_readable``, which
 its session loop looks up by name before every request: ``install`` puts a
@@ -44,30 +45,45 @@ def install(spin: float = SPIN) -> bool:
     if wait_in_trio is None or device is None:
         log.warning("pyfuse3 %s: no busy polling, requests are served without it", pyfuse3.__version__)
         return False
-    pyfuse3._wait_fuse_readable = polling_wait(device, wait_in_trio, spin)  # type: ignore[attr-defined]
+    pyfuse3._wait_fuse_readable = PollingWait(device, wait_in_trio, spin)  # type: ignore[attr-defined]
     return True
 
 
-def polling_wait(device: int, wait_in_trio: Wait, spin: float) -> Wait:
-    poller = select.poll()
-    poller.register(device, select.POLLIN)
-    last_yield = time.perf_counter()
+class PollingWait:
+    """pyfuse3's wait for the next request, polling the device first.
 
-    async def wait_for_request() -> bool:
-        nonlocal last_yield
+    The polling window shrinks by half each time it runs out, down to nothing,
+    and is whole again as soon as a request comes within it: a client that
+    sends requests far apart costs a few short polls, not ``SPIN`` each time.
+    """
+
+    def __init__(self, device: int, wait_in_trio: Wait, spin: float = SPIN) -> None:
+        self.poller = select.poll()
+        self.poller.register(device, select.POLLIN)
+        self.wait_in_trio = wait_in_trio
+        self.spin = spin
+        self.window = spin
+        self.last_yield = time.perf_counter()
+
+    async def __call__(self) -> bool:
         now = time.perf_counter()
-        if now - last_yield < YIELD_EVERY:
-            deadline = now + spin
-            while not poller.poll(0):
-                if time.perf_counter() > deadline:
-                    break
-            else:
+        if self.window and now - self.last_yield < YIELD_EVERY:
+            if self._request_within(now + self.window):
+                self.window = self.spin
                 return True
-        ready = await wait_in_trio()
-        last_yield = time.perf_counter()
+            self.window = self.window / 2 if self.window > self.spin / 8 else 0.0
+        began = time.perf_counter()
+        ready = await self.wait_in_trio()
+        self.last_yield = time.perf_counter()
+        if self.last_yield - began < self.spin:
+            self.window = self.spin  # polling would have caught this one
         return ready
 
-    return wait_for_request
+    def _request_within(self, deadline: float) -> bool:
+        while not self.poller.poll(0):
+            if time.perf_counter() > deadline:
+                return False
+        return True
 
 
 def fuse_device() -> int | None:

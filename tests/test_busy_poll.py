@@ -39,7 +39,7 @@ def test_a_waiting_request_is_taken_without_trio(always_readable: int) -> None:
         return True
 
     async def main() -> None:
-        wait = busy_poll.polling_wait(always_readable, wait_in_trio, spin=busy_poll.SPIN)
+        wait = busy_poll.PollingWait(always_readable, wait_in_trio, spin=busy_poll.SPIN)
         for _ in range(100):
             assert await wait()
 
@@ -67,7 +67,7 @@ def test_other_tasks_run_while_requests_never_stop(always_readable: int) -> None
         ran.set()
 
     async def main() -> None:
-        wait = busy_poll.polling_wait(always_readable, wait_in_trio, spin=busy_poll.SPIN)
+        wait = busy_poll.PollingWait(always_readable, wait_in_trio, spin=busy_poll.SPIN)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve, wait)
             nursery.start_soon(other_task)
@@ -86,7 +86,7 @@ def test_no_request_falls_back_to_trio_after_the_spin() -> None:
         return False
 
     async def main() -> None:
-        wait = busy_poll.polling_wait(read_end, wait_in_trio, spin=busy_poll.SPIN)
+        wait = busy_poll.PollingWait(read_end, wait_in_trio, spin=busy_poll.SPIN)
         assert await wait() is False
 
     try:
@@ -95,3 +95,32 @@ def test_no_request_falls_back_to_trio_after_the_spin() -> None:
         os.close(read_end)
         os.close(write_end)
     assert trio_waits == 1
+
+
+def test_polling_stops_for_requests_that_come_late_and_resumes_for_prompt_ones() -> None:
+    read_end, write_end = os.pipe()  # never readable: every poll runs out
+    late = True
+
+    async def wait_in_trio() -> bool:
+        await trio.sleep(0.02 if late else 0)  # a request that comes late, or at once
+        return True
+
+    async def main() -> busy_poll.PollingWait:
+        nonlocal late
+        spin = 0.001  # wide, so that "at once" fits in it on a loaded machine too
+        wait = busy_poll.PollingWait(read_end, wait_in_trio, spin)
+        windows = []
+        for _ in range(6):
+            await wait()
+            windows.append(wait.window)
+        assert windows == [spin / 2, spin / 4, spin / 8, 0.0, 0.0, 0.0]
+        late = False
+        await wait()  # goes straight to trio (no window), and the request was there at once
+        return wait
+
+    try:
+        wait = trio.run(main)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert wait.window == wait.spin
