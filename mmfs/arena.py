@@ -56,12 +56,11 @@ class Arena:
         self._free_slots: list[int] = []
         self._next_slot = 0
 
-    def store(self, offset: int, data: Buffer) -> None:
+    def store(self, offset: int, data: memoryview) -> None:
         """Put ``data`` at ``offset`` of the region."""
-        length = len(memoryview(data))
         done = os.pwrite(self.file, data, offset) if self.file is not None else 0
-        if done < length:
-            self.view[offset + done : offset + length] = memoryview(data)[done:]
+        if done < len(data):
+            self.view[offset + done : offset + len(data)] = data[done:]
 
     def load_into(self, target: memoryview, offset: int) -> None:
         """Fill ``target`` with the bytes at ``offset``: read from the shmem file

@@ -38,14 +38,14 @@ YIELD_EVERY = 1e-3
 Wait = Callable[[], Awaitable[bool]]
 
 
-def install(spin: float = SPIN) -> bool:
+def install() -> bool:
     """Make pyfuse3 poll the device before it sleeps.  Call after ``pyfuse3.init``."""
     wait_in_trio: Wait | None = getattr(pyfuse3, "_wait_fuse_readable", None)
     device = fuse_device()
     if wait_in_trio is None or device is None:
         log.warning("pyfuse3 %s: no busy polling, requests are served without it", pyfuse3.__version__)
         return False
-    pyfuse3._wait_fuse_readable = PollingWait(device, wait_in_trio, spin)  # type: ignore[attr-defined]
+    pyfuse3._wait_fuse_readable = PollingWait(device, wait_in_trio)  # type: ignore[attr-defined]
     return True
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from .arena import PAGE, Arena
 from .content import MapBudget
@@ -67,11 +68,11 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.arena = arena
         self.maps = maps  # overlay mode: lower files mapped privately
-        self.initialized = False
+        self.initialized = trio.Event()  # set when the kernel's INIT arrives
 
     def init(self) -> None:
         """The kernel's INIT arrived (its reply is sent when this returns)."""
-        self.initialized = True
+        self.initialized.set()
 
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
         self.fs.loaded(inode)  # a directory's size counts its entries

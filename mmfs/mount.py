@@ -154,8 +154,7 @@ async def _serve_until_stopped(operations: Operations, mountpoint: str) -> None:
 
 async def _widen_readahead_after_init(operations: Operations, mountpoint: str) -> None:
     """The kernel caps readahead at what the INIT reply said: widen it after that."""
-    while not operations.initialized:
-        await trio.sleep(0.001)
+    await operations.initialized.wait()
     widen_readahead(mountpoint)
 
 

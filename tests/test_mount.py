@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, is_mounted, start_mmfs, stop_mmfs
+from conftest import ROOT, is_mounted, start_mmfs, stop_mmfs, wait_for
 
 # Runs the real daemon with one model method patched to raise: the injected bug.
 FAULTY_DAEMON = """
@@ -62,6 +62,14 @@ def test_fixture_mount_is_fuse_mmfs(mmfs_factory) -> None:  # type: ignore[no-un
     source, _, fstype, options = line.split()[:4]
     assert (source, fstype) == ("tmpfs", "fuse.mmfs")
     assert "default_permissions" in options and "nosuid" not in options and "nodev" not in options
+
+
+def test_readahead_is_widened_to_one_request_after_init(mmfs_factory) -> None:  # type: ignore[no-untyped-def]
+    mount = mmfs_factory("tmpfs", options="size=16m")
+    with open("/proc/self/mountinfo") as mountinfo:
+        device = next(line.split()[2] for line in mountinfo if line.split()[4] == str(mount.path))
+    setting = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    assert wait_for(lambda: setting.read_text().strip() == "1024"), setting.read_text()
 
 
 def test_start_helper_rejects_dead_daemon(tmp_path: Path) -> None:

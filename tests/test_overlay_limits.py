@@ -722,9 +722,10 @@ while True:
 
 
 def test_lease_break_is_answered_while_requests_never_stop(tmp_path: Path, mmfs_factory: Factory) -> None:
-    """The daemon polls for the next request instead of sleeping: a lease break
-    must still be handled between two requests, long before the kernel would
-    give up waiting (lease-break-time) and let the opener go on regardless."""
+    """While other clients keep the polling daemon busy, a lease break is still
+    handled between two requests, long before the kernel would give up waiting
+    (lease-break-time) and let the opener go on regardless.  (These clients
+    leave gaps; a request stream with none is test_busy_poll's.)"""
     lower = tmp_path / "lower"
     lower.mkdir()
     make_file(lower / "big", bytes(4 << 20))
