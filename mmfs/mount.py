@@ -8,18 +8,21 @@ mount is gone.  All of it runs on the daemon's single thread.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
 import resource
 import signal
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pyfuse3
 import trio
 
-from . import busy_poll
-from .arena import Arena
+from . import busy_poll, mounts
+from .arena import PAGE, SLOT, Arena
 from .content import AnonContent, CowContent, MapBudget
 from .fs import Filesystem, FsConfig
 from .fuse_ops import Operations
@@ -35,12 +38,22 @@ MIN_RESERVATION = 1 << 40
 
 def check_mountpoint(path: str) -> None:
     """One clear line for the usual mistakes, before anything is mounted."""
-    if not os.path.exists(path):
-        raise UsageError(f"mountpoint does not exist: {path}")
-    if not os.path.isdir(path):
+    try:
+        st = os.stat(path)
+        if is_mmfs_mount(path):
+            os.statvfs(path)  # never cached by the kernel: only a live daemon answers
+            raise UsageError(f"already mounted: {path}")
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint does not exist: {path}") from None
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise UsageError(
+                f"{path}: the filesystem mounted there is dead (its daemon stopped); "
+                f"clear it with: fusermount3 -u {path}"
+            ) from None
+        raise UsageError(f"cannot use mountpoint {path}: {error.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mountpoint is not a directory: {path}")
-    if is_mmfs_mount(path):
-        raise UsageError(f"already mounted: {path}")
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing: is the fuse kernel module loaded?")
     try:
@@ -50,14 +63,8 @@ def check_mountpoint(path: str) -> None:
 
 
 def is_mmfs_mount(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
-        for line in mounts:
-            fields = line.split()
-            target = fields[1].encode().decode("unicode_escape")
-            if target == real and fields[2] == "fuse.mmfs":
-                return True
-    return False
+    entry = mounts.mounted_at(os.path.realpath(path))
+    return entry is not None and entry.fstype == "fuse.mmfs"
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -80,7 +87,12 @@ def open_lower(path: str) -> LowerDir:
 
 def build(config: MountConfig) -> Operations:
     """The filesystem a config describes, ready to mount."""
-    arena = Arena(max(MIN_RESERVATION, 2 * config.size), config.size // os.sysconf("SC_PAGE_SIZE"))
+    reserve = arena_reservation(config.size)
+    page_limit = config.size // PAGE
+    if reserve < config.size or not page_limit and reserve < MIN_RESERVATION:
+        page_limit = reserve // PAGE  # ulimit -v: df shows what fits
+        log.warning("address space limit (ulimit -v): size= is %d MiB", reserve >> 20)
+    arena = Arena(reserve, page_limit)
     settings = FsConfig(max_inodes=config.nr_inodes, root_mode=config.mode, root_uid=config.uid, root_gid=config.gid)
     if config.lowerdir is None:
         return Operations(Filesystem(lambda: AnonContent(arena), settings), arena)
@@ -93,6 +105,38 @@ def build(config: MountConfig) -> Operations:
 
     fs = Filesystem(lambda: AnonContent(arena), settings, lower=lower, lower_content=lower_content)
     return Operations(fs, arena, maps)
+
+
+# Under an address space limit, room kept for the daemon's own heap, stacks and
+# private maps of lower files (which fall back to the arena when they don't fit).
+MIN_HEADROOM = 256 << 20
+MIN_ARENA = 64 << 20
+
+
+def arena_reservation(size: int) -> int:
+    """Bytes of address space for the arena: 1 TiB or twice size=, or what
+    RLIMIT_AS (``ulimit -v``) leaves, or a one-line error if too little."""
+    wanted = max(MIN_RESERVATION, 2 * size)
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    room = soft - address_space_used()
+    fits = (room - max(MIN_HEADROOM, room // 4)) // SLOT * SLOT
+    if fits < MIN_ARENA:
+        raise UsageError(
+            f"address space limit (ulimit -v) of {soft >> 20} MiB leaves too little room: "
+            f"mmfs needs about {(soft - room + MIN_HEADROOM + MIN_ARENA) >> 20} MiB"
+        )
+    return min(wanted, fits)
+
+
+def address_space_used() -> int:
+    """This process's virtual memory size (VmSize), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
 
 
 def map_limit() -> int:
@@ -111,11 +155,13 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     operations = build(config)
     mountpoint = os.path.realpath(config.mountpoint)  # resolving it after the mount would deadlock
     pyfuse3.init(operations, mountpoint, fuse_options(config))
+    os.chdir("/")  # never pin the caller's directory (its filesystem could not be unmounted)
     ready()
+    log.info("mounted %s on %s", config.source, mountpoint)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)
     try:
-        trio.run(_serve_until_stopped, operations, mountpoint)
+        trio.run(_serve_until_stopped, operations, mountpoint, config.busy_poll)
     finally:
         pyfuse3.close(unmount=True)
 
@@ -127,35 +173,43 @@ def widen_readahead(mountpoint: str) -> None:
     """Let the kernel read ahead 1 MiB at a time instead of 128 KiB: sequential
     reads then take a quarter of the requests.  Best effort (needs root).
     ``mountpoint`` is a real path: nothing here may touch the new mount."""
-    escaped = mountpoint.replace("\\", "\\134").replace(" ", "\\040").replace("\n", "\\012")
-    device = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if fields[4] == escaped:
-                device = fields[2]  # the newest mount on this path wins
+    entry = mounts.mounted_at(mountpoint)
+    if entry is None or entry.fstype != "fuse.mmfs":
+        log.warning("cannot widen readahead: no mmfs mount found on %s", mountpoint)
+        return
     try:
-        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as setting:
+        with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as setting:
             setting.write(str(READAHEAD_KB))
     except OSError as error:
         log.debug("cannot widen readahead of %s: %s", mountpoint, error)
 
 
-async def _serve_until_stopped(operations: Operations, mountpoint: str) -> None:
+async def _serve_until_stopped(operations: Operations, mountpoint: str, poll: bool) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         if operations.maps is not None:
             await nursery.start(_retire_maps_on_lease_break, operations.maps)
         nursery.start_soon(_widen_readahead_after_init, operations, mountpoint)
-        busy_poll.install()
+        if poll:
+            busy_poll.install()
         await pyfuse3.main(max_tasks=1)  # no handler awaits: one task serves all
         nursery.cancel_scope.cancel()
+
+
+@contextmanager
+def contained(what: str) -> Iterator[None]:
+    """A bug in work done outside any request is logged, never ends the daemon."""
+    try:
+        yield
+    except Exception:
+        log.exception("internal error in %s; the mount keeps serving", what)
 
 
 async def _widen_readahead_after_init(operations: Operations, mountpoint: str) -> None:
     """The kernel caps readahead at what the INIT reply said: widen it after that."""
     await operations.initialized.wait()
-    widen_readahead(mountpoint)
+    with contained("readahead widening"):
+        widen_readahead(mountpoint)
 
 
 async def _retire_maps_on_lease_break(maps: MapBudget, task_status: trio.TaskStatus[None]) -> None:
@@ -164,7 +218,8 @@ async def _retire_maps_on_lease_break(maps: MapBudget, task_status: trio.TaskSta
     with trio.open_signal_receiver(signal.SIGIO) as signals:
         task_status.started()
         async for _ in signals:
-            maps.lease_breaks()
+            with contained("lease break"):
+                maps.lease_breaks()
 
 
 async def _terminate_on_signal() -> None:

@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from . import manual
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # Generic mount flags that mount(8) and fstab may hand to a helper; libfuse
@@ -22,6 +24,9 @@ MOUNT_FLAGS = frozenset(
 )
 # Options that mount(8) uses itself and may still pass along: accepted, no effect.
 IGNORED = frozenset(["auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "defaults"])
+# Options for other programs that fstab lines carry (x-systemd.*, x-gvfs-show,
+# comment=...): mount(8) and systemd may pass them to the helper; no effect.
+IGNORED_PREFIXES = ("x-", "comment=")
 SUFFIXES = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 
@@ -30,7 +35,7 @@ class UsageError(Exception):
 
 
 class HelpRequested(Exception):
-    """``-h``/``--help``: print the usage and exit 0."""
+    """``-h``/``--help`` or ``--version``: ``str()`` is the text to print; exit 0."""
 
 
 @dataclass
@@ -45,6 +50,8 @@ class MountConfig:
     gid: int | None = None
     foreground: bool = False
     debug: bool = False
+    busy_poll: bool = True
+    log: str | None = None  # the daemon's log file in the background; "-" = syslog
     fuse_options: set[str] = field(default_factory=set)
 
 
@@ -85,6 +92,8 @@ def parse_id(text: str, name: str) -> int:
 def apply_option(config: MountConfig, option: str) -> None:
     """Apply one ``-o`` item to ``config``."""
     name, has_value, value = option.partition("=")
+    if option.startswith(IGNORED_PREFIXES):
+        return
     if not has_value:
         if name in MOUNT_FLAGS or name == "allow_other":
             config.fuse_options.add(name)
@@ -106,7 +115,17 @@ def apply_option(config: MountConfig, option: str) -> None:
     elif name == "lowerdir":
         if not value:
             raise UsageError("bad value for lowerdir: ''")
+        if config.lowerdir is not None and os.path.abspath(config.lowerdir) != os.path.abspath(value):
+            raise UsageError(f"two different lowerdirs: {config.lowerdir} and lowerdir={value}")
         config.lowerdir = value
+    elif name == "busy_poll":
+        if value not in ("0", "1"):
+            raise UsageError(f"bad value for busy_poll: {value!r} (0 or 1)")
+        config.busy_poll = value == "1"
+    elif name == "log":
+        if not value:
+            raise UsageError("bad value for log: ''")
+        config.log = value
     elif name == "fsname":
         if not value or "," in value:
             raise UsageError(f"bad value for fsname: {value!r}")
@@ -121,24 +140,18 @@ def default_config(mountpoint: str) -> MountConfig:
     return MountConfig(mountpoint=mountpoint, size=ram // 2 // PAGE * PAGE, nr_inodes=ram // PAGE // 2)
 
 
-USAGE = """usage: mmfs tmpfs MOUNTPOINT [-o OPTIONS] [-f] [--debug]
-       mmfs overlay LOWERDIR MOUNTPOINT [-o OPTIONS] [-f] [--debug]
-       mmfs SOURCE MOUNTPOINT [-o OPTIONS]      (as run by mount -t fuse.mmfs)
-
-options: size=BYTES[k|m|g|%], nr_inodes=N, mode=OCTAL, uid=N, gid=N, lowerdir=DIR,
-         allow_other, ro, fsname=NAME, debug"""
-
-
 def parse_args(argv: list[str]) -> MountConfig:
     """Parse ``mmfs`` arguments (without the program name) into a config."""
     positional: list[str] = []
     options: list[str] = []
-    foreground = debug = False
+    foreground = debug = wants_help = False
     args = iter(argv)
     for arg in args:
         if arg in ("-h", "--help"):
-            raise HelpRequested(USAGE)
-        if arg == "-o":
+            wants_help = True
+        elif arg == "--version":
+            raise HelpRequested(version())
+        elif arg == "-o":
             value = next(args, None)
             if value is None:
                 raise UsageError("option -o needs a value")
@@ -153,18 +166,50 @@ def parse_args(argv: list[str]) -> MountConfig:
             raise UsageError(f"unknown argument: {arg!r}")
         else:
             positional.append(arg)
-    if len(positional) == 3 and positional[0] == "overlay":
-        source, lowerdir, mountpoint = positional
-    elif len(positional) == 2:
-        (source, mountpoint), lowerdir = positional, None
-    else:
-        raise UsageError("expected: mmfs tmpfs MOUNTPOINT or mmfs overlay LOWERDIR MOUNTPOINT (see --help)")
-    if lowerdir == "":
-        raise UsageError("lowerdir is empty")
+    if wants_help:
+        mode = positional[0] if positional and positional[0] in MODES else None
+        raise HelpRequested(manual.help_text(mode))
+    source, lowerdir, mountpoint = split_positional(positional)
     config = default_config(mountpoint)
     config.source, config.lowerdir = source, lowerdir
     for option in options:
         apply_option(config, option)
+    if source == "overlay" and config.lowerdir is None:
+        raise UsageError("overlay mode needs LOWERDIR: mmfs overlay LOWERDIR MOUNTPOINT (see mmfs overlay --help)")
     config.foreground = foreground
     config.debug = config.debug or debug
     return config
+
+
+MODES = ("tmpfs", "overlay")
+
+
+def split_positional(positional: list[str]) -> tuple[str, str | None, str]:
+    """(SOURCE, LOWERDIR or None, MOUNTPOINT) from the positional arguments."""
+    if len(positional) == 3 and positional[0] == "overlay":
+        source, lowerdir, mountpoint = positional
+        if not lowerdir:
+            raise UsageError("lowerdir is empty")
+        return source, lowerdir, mountpoint
+    if len(positional) == 2:
+        return positional[0], None, positional[1]
+    if len(positional) == 1 and positional[0] in MODES:
+        raise UsageError(f"missing MOUNTPOINT: {manual.SYNOPSIS[positional[0]]}")
+    raise UsageError("expected: mmfs tmpfs MOUNTPOINT or mmfs overlay LOWERDIR MOUNTPOINT (see --help)")
+
+
+def version() -> str:
+    """``mmfs --version``: mmfs and what it runs on."""
+    import platform
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return (
+        f"mmfs {installed('mmfs')} (pyfuse3 {installed('pyfuse3')}, trio {installed('trio')}, "
+        f"Python {platform.python_version()})"
+    )

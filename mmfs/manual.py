@@ -1,0 +1,180 @@
+"""The words of ``mmfs --help``, ``mmfs tmpfs --help``, ``mmfs overlay --help``
+and the manual page mmfs(8), from one source so that they never disagree.
+
+``python -m mmfs.manual`` prints the manual page (roff), which
+``scripts/install`` installs.  Pure text; nothing here touches the system.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+
+NAME = "mmfs - a scratch filesystem whose file contents live in memory maps"
+
+SYNOPSIS = {
+    "tmpfs": "mmfs tmpfs MOUNTPOINT [-o OPTIONS] [-f] [--debug]",
+    "overlay": "mmfs overlay LOWERDIR MOUNTPOINT [-o OPTIONS] [-f] [--debug]",
+    "mount": "mmfs SOURCE MOUNTPOINT [-o OPTIONS]    (what mount -t fuse.mmfs runs)",
+}
+
+MODES = {
+    "tmpfs": (
+        "A RAM filesystem that ordinary tools cannot tell from kernel tmpfs: same errnos, same df, "
+        "a size= limit, memory given back when files go. File bytes live in anonymous shared memory "
+        "(MAP_SHARED|MAP_ANONYMOUS); everything is gone at unmount."
+    ),
+    "overlay": (
+        "A scratch copy-on-write view of LOWERDIR. Everything is writable; LOWERDIR is never written "
+        "(not data, metadata, xattrs or timestamps). A changed file is a private mapping (MAP_PRIVATE) "
+        "of its backing file, so only the 4 KiB pages written take memory. All changes vanish at unmount. "
+        "The mount(8) form selects it with -o lowerdir=DIR; a positional LOWERDIR and a different "
+        "lowerdir= are an error."
+    ),
+}
+
+# The fallback log of a daemon in the background when there is no syslog.
+ROOT_LOG = "/var/log/mmfs.log"
+USER_LOG = "$XDG_STATE_HOME/mmfs/mmfs.log (default ~/.local/state/mmfs/mmfs.log)"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``-o`` option: its form, what it means and its default per mode."""
+
+    form: str
+    meaning: str
+    default: str
+    overlay_default: str | None = None  # None: as in tmpfs mode
+
+    def default_in(self, mode: str) -> str:
+        return self.overlay_default if mode == "overlay" and self.overlay_default is not None else self.default
+
+
+OPTIONS = [
+    Option("size=BYTES", "most bytes of file data, with k/m/g/t suffix or N% of RAM; 0 = unlimited. "
+           "In overlay mode: the memory changes may take", "50% of RAM"),
+    Option("nr_inodes=N", "most inodes at once; 0 = unlimited. In overlay mode LOWERDIR's own entries "
+           "do not count", "RAM pages / 2"),
+    Option("mode=OCTAL", "mode of the root directory", "1777", "LOWERDIR's"),
+    Option("uid=N", "owner of the root directory", "0", "LOWERDIR's"),
+    Option("gid=N", "group of the root directory", "0", "LOWERDIR's"),
+    Option("lowerdir=DIR", "overlay mode on DIR (the mount -t fuse.mmfs form)", "none: tmpfs mode"),
+    Option("allow_other", "let other users use the mount (FUSE)", "off"),
+    Option("ro", "read-only mount", "off"),
+    Option("fsname=NAME", "name shown by df and /proc/mounts", "SOURCE"),
+    Option("log=FILE", "where a daemon in the background logs (appended); - means syslog",
+           f"syslog, or without /dev/log {ROOT_LOG} (root) or {USER_LOG}"),
+    Option("busy_poll=0|1", "after each request, poll 50 us for the next one before sleeping: about 2x "
+           "the requests a second, at the cost of up to one CPU while requests come", "1"),
+    Option("debug", "log every request (libfuse trace) and debug messages", "off"),
+]
+
+ACCEPTED = (
+    "Mount flags (noexec, nosuid, nodev, noatime, ...) and what mount(8) and systemd pass along "
+    "(defaults, auto, noauto, nofail, _netdev, user, x-*, comment=...) are accepted. Any other "
+    "option is a one-line error before anything is mounted."
+)
+
+FLAGS = [
+    ("-o OPTIONS", "comma-separated options, as above; may be given more than once"),
+    ("-f", "stay in the foreground and log to stderr; without it mmfs returns once the mount is live "
+     "(exit 0), or prints one line and exits 1"),
+    ("-d, --debug", "the debug option"),
+    ("-h, --help", "this help; mmfs tmpfs --help and mmfs overlay --help describe one mode"),
+    ("--version", "the versions of mmfs, pyfuse3 and Python"),
+]
+
+UNMOUNT = (
+    "umount MOUNTPOINT or fusermount3 -u MOUNTPOINT unmounts, and so do SIGINT and SIGTERM to the "
+    "daemon; the daemon then exits 0 and every file is gone. If the daemon was killed, the mount "
+    "answers 'Transport endpoint is not connected' and fusermount3 -u MOUNTPOINT clears it."
+)
+
+LOGGING = (
+    f"In the foreground the daemon logs to stderr. In the background it logs to the file of log=, "
+    f"else to syslog, else (no /dev/log, as in most containers) to {ROOT_LOG} when run by root and "
+    f"to {USER_LOG} otherwise. Crash reports and stack dumps (kill -USR1 PID) go to the same place."
+)
+
+FSYNC = (
+    "fsync and fdatasync become msync(MS_SYNC) on the daemon's maps of the file. As on tmpfs, this "
+    "gives no durability: everything is lost at unmount."
+)
+
+
+def _wrap(text: str, indent: str = "  ") -> str:
+    return textwrap.fill(text, 79, initial_indent=indent, subsequent_indent=indent)
+
+
+def _option_lines(mode: str | None) -> list[str]:
+    lines = []
+    for option in OPTIONS:
+        if mode == "tmpfs" and option.form.startswith("lowerdir"):
+            continue
+        if mode is None and option.overlay_default is not None:
+            default = f"{option.default}; overlay: {option.overlay_default}"
+        else:
+            default = option.default_in(mode or "tmpfs")
+        lines.append(f"  {option.form}")
+        lines.append(_wrap(f"{option.meaning} (default: {default})", "      "))
+    return lines
+
+
+def help_text(mode: str | None = None) -> str:
+    """``mmfs --help`` (``mode`` None) or ``mmfs MODE --help``."""
+    forms = [mode] if mode else ["tmpfs", "overlay", "mount"]
+    lines = ["usage: " + SYNOPSIS[forms[0]]] + ["       " + SYNOPSIS[form] for form in forms[1:]]
+    lines.append("")
+    for name in [mode] if mode else ["tmpfs", "overlay"]:
+        lines.append(_wrap(f"{name} mode: {MODES[name]}", ""))
+        lines.append("")
+    lines.append("options (-o):")
+    lines += _option_lines(mode)
+    lines.append(_wrap(ACCEPTED))
+    lines.append("")
+    lines.append("flags:")
+    for flag, meaning in FLAGS:
+        lines.append(f"  {flag}")
+        lines.append(_wrap(meaning, "      "))
+    lines.append("")
+    lines.append("unmounting:")
+    lines.append(_wrap(UNMOUNT))
+    lines.append("")
+    lines.append("logging:")
+    lines.append(_wrap(LOGGING))
+    lines.append("")
+    lines.append("See man mmfs.")
+    return "\n".join(lines)
+
+
+def _roff(text: str) -> str:
+    """Escape text for roff: backslashes, and a leading dot or quote."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text[:1] in (".", "'") else text
+
+
+def man_page() -> str:
+    """The manual page mmfs(8), in roff."""
+    out = [".TH MMFS 8", ".SH NAME", _roff(NAME), ".SH SYNOPSIS"]
+    for form in ("tmpfs", "overlay", "mount"):
+        out += [".B " + _roff(SYNOPSIS[form]), ".br"]
+    out.append(".SH DESCRIPTION")
+    for name in ("tmpfs", "overlay"):
+        out += [".TP", f".B {name} mode", _roff(MODES[name])]
+    out.append(".SH OPTIONS")
+    for option in OPTIONS:
+        default = option.default
+        if option.overlay_default is not None:
+            default += f"; overlay: {option.overlay_default}"
+        out += [".TP", ".B " + _roff(option.form), _roff(f"{option.meaning} (default: {default})")]
+    out += [".PP", _roff(ACCEPTED), ".SH FLAGS"]
+    for flag, meaning in FLAGS:
+        out += [".TP", ".B " + _roff(flag), _roff(meaning)]
+    out += [".SH UNMOUNTING", _roff(UNMOUNT), ".SH LOGGING", _roff(LOGGING), ".SH FSYNC", _roff(FSYNC)]
+    out += [".SH SEE ALSO", _roff("tmpfs(5), mount(8), mount.fuse3(8), fusermount3(1)")]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(man_page(), end="")

@@ -1,0 +1,61 @@
+"""The kernel's mount table, read from ``/proc/self/mountinfo``.
+
+One parser for every place that asks "what is mounted there?": the check
+that refuses a second mount, the readahead widening, and the test harness.
+Paths are ``bytes`` as the kernel has them: mountinfo escapes space, tab,
+newline and backslash as ``\\040 \\011 \\012 \\134`` and leaves every other byte
+(UTF-8 or not) as it is, so fields are split on spaces and unescaped as bytes.
+
+Pure parsing plus one read of a proc file; no FUSE, no trio.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def unescape(field: bytes) -> bytes:
+    """A mountinfo field with its octal escapes (``\\040`` ...) turned back into bytes."""
+    return _ESCAPE.sub(lambda match: bytes([int(match.group(1), 8)]), field)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of mountinfo: the fields mmfs needs."""
+
+    device: str  # "major:minor" of the mounted filesystem (st_dev)
+    mountpoint: bytes
+    fstype: str
+    source: bytes
+
+
+def parse_line(line: bytes) -> MountEntry:
+    """One mountinfo line; see proc(5) for the layout (optional fields end at "-")."""
+    fields = line.rstrip(b"\n").split(b" ")
+    tail = fields.index(b"-")
+    return MountEntry(
+        device=fields[2].decode(),
+        mountpoint=unescape(fields[4]),
+        fstype=unescape(fields[tail + 1]).decode(errors="replace"),
+        source=unescape(fields[tail + 2]),
+    )
+
+
+def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    """Every mount this process can see, oldest first."""
+    with open(mountinfo, "rb") as table:
+        return [parse_line(line) for line in table if line.strip()]
+
+
+def mounted_at(path: str | bytes) -> MountEntry | None:
+    """The topmost mount whose mountpoint is exactly ``path`` (already a real path), if any."""
+    target = os.fsencode(path)
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == target:
+            found = entry  # later lines are mounted on top of earlier ones
+    return found
