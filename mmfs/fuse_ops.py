@@ -4,8 +4,8 @@ This is a protocol adapter only.  Every handler converts pyfuse3's types, calls
 one synchronous method of the model (``fs.Filesystem``) and converts the
 result.  ``FsError`` becomes ``FUSEError``; any other exception is a bug in
 mmfs: it is logged with its traceback and answered with EIO, and the mount keeps
-serving.  Because no handler awaits in the middle of a model call, model
-mutations never interleave.
+serving.  FORGET has no answer: a bug there is logged and ignored.  Because no
+handler awaits in the middle of a model call, model mutations never interleave.
 
 Lookup counts are taken exactly where pyfuse3 documents them: entry replies of
 lookup, create, mknod, mkdir, symlink, link, and readdir entries accepted by
@@ -105,10 +105,16 @@ class Operations(pyfuse3.Operations):
         negative.entry_timeout = CACHE_TIMEOUT
         return negative
 
-    @handler
-    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """FORGET has no reply, and pyfuse3 awaits this without catching anything
+        (not even FUSEError): whatever escaped would end the daemon.  So a bug
+        here is logged with its traceback and the mount keeps serving; each
+        inode of a batch is forgotten on its own, so one bad count spares the rest."""
         for ino, count in inode_list:
-            self.fs.forget(ino, count)
+            try:
+                self.fs.forget(ino, count)
+            except Exception:
+                log.exception("internal error in forget of inode %d (count %d); ignored", ino, count)
 
     @handler
     def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
