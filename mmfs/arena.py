@@ -57,10 +57,27 @@ class Arena:
         self._next_slot = 0
 
     def store(self, offset: int, data: memoryview) -> None:
-        """Put ``data`` at ``offset`` of the region."""
-        done = os.pwrite(self.file, data, offset) if self.file is not None else 0
-        if done < len(data):
-            self.view[offset + done : offset + len(data)] = data[done:]
+        """Put ``data`` at ``offset`` of the region.
+
+        Raises NoSpace when the system has no memory for the pages: shmem's
+        ENOSPC or ENOMEM (out of memory, a memory cgroup limit) is a full
+        filesystem to the client, as on kernel tmpfs, not a broken one.  Bytes
+        of a partial store may have landed; the caller undoes its pages.
+        """
+        if self.file is None:
+            self.view[offset : offset + len(data)] = data
+            return
+        done = 0
+        try:
+            while done < len(data):
+                written = os.pwrite(self.file, data[done:], offset + done)
+                if written == 0:  # no progress: no room for the next page
+                    raise NoSpace()
+                done += written
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise NoSpace() from error
+            raise
 
     def load_into(self, target: memoryview, offset: int) -> None:
         """Fill ``target`` with the bytes at ``offset``: read from the shmem file

@@ -89,20 +89,47 @@ class AnonContent:
                 raise NoSpace()
         source = memoryview(data)
         for index, inner, n in _segments(offset, end):
-            slot = self._slots.get(index)
-            if slot is None:
-                slot = self._slots[index] = self.arena.alloc_slot()
-                self._held[index] = 0
-            mask = page_mask(inner, n)
-            fresh = (mask & ~self._held[index]).bit_count()
-            self.account.take(fresh)
-            self.pages += fresh
-            self._held[index] |= mask
-            start = slot * SLOT + inner
             pos = index * SLOT + inner - offset
-            self.arena.store(start, source[pos : pos + n])
+            try:
+                self._store(index, inner, source[pos : pos + n])
+            except NoSpace:  # the system refused the pages: short, or ENOSPC if nothing went in
+                if pos == 0:
+                    raise
+                end = offset + pos
+                break
         self.size = max(self.size, end)
         return end - offset
+
+    def _store(self, index: int, inner: int, data: memoryview) -> None:
+        """Store bytes inside slot ``index`` at ``inner``, charging the pages they
+        take first; if the arena refuses them, those pages are given back."""
+        slot = self._slots.get(index)
+        if slot is None:
+            slot = self._slots[index] = self.arena.alloc_slot()
+            self._held[index] = 0
+        mask = page_mask(inner, len(data))
+        fresh = mask & ~self._held[index]
+        self.account.take(fresh.bit_count())
+        try:
+            self.arena.store(slot * SLOT + inner, data)
+        except OSError:
+            self.account.give(fresh.bit_count())
+            self._forget_pages(index, fresh)
+            raise
+        self.pages += fresh.bit_count()
+        self._held[index] |= mask
+
+    def _forget_pages(self, index: int, pages: int) -> None:
+        """Punch the pages of slot ``index`` in the mask ``pages`` (a failed store
+        may have filled some), and free the slot if it holds nothing else."""
+        slot = self._slots[index]
+        if self._held[index] == 0:
+            self.arena.free_slot(self._slots.pop(index))
+            del self._held[index]
+            return
+        for page in range(PAGES_PER_SLOT):
+            if pages >> page & 1:
+                self.arena.punch(slot, page, 1)
 
     def _new_pages(self, offset: int, end: int) -> int:
         return sum(

@@ -53,8 +53,10 @@ class FsError(Exception):
 
 @contextmanager
 def storage_errors() -> Iterator[None]:
-    """Storage failures as errnos: a full arena is ENOSPC; a backing file or
-    directory that changed or vanished underneath an overlay is EIO."""
+    """Storage failures as errnos: a full arena is ENOSPC (``size=`` reached, or
+    the system refusing the arena pages: ``Arena.store`` raises NoSpace); a
+    backing file or directory that changed or vanished underneath an overlay is
+    EIO."""
     try:
         yield
     except NoSpace:

@@ -7,11 +7,15 @@ says what went wrong.
 
 1. FORGET: pyfuse3 awaits ``Operations.forget`` without catching anything (not
    even ``FUSEError``), so a bug there must be contained by mmfs itself.
+2. The arena's shmem file refuses pages (``pwrite`` fails with ENOMEM or
+   ENOSPC, as under a memory cgroup limit): the write answers ENOSPC like
+   tmpfs, nothing is logged, and everything stored before is intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -19,7 +23,8 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import ROOT, Mount, is_mounted, stop_mmfs, wait_for
+import pytest
+from conftest import ROOT, Mount, is_mounted, read_uncached, stop_mmfs, wait_for
 
 # The real daemon, with the fault patched in before it starts.
 PATCHED_DAEMON = """
@@ -31,11 +36,14 @@ sys.exit(main(sys.argv[1:]))
 
 
 @contextlib.contextmanager
-def patched_daemon(tmp_path: Path, patch: str, *args: str, options: str = "size=64m") -> Iterator[Mount]:
+def patched_daemon(
+    tmp_path: Path, patch: str, *args: str, options: str = "size=64m", clean_log: bool = False
+) -> Iterator[Mount]:
     """``mmfs ARGS MNT -f -o OPTIONS`` with ``patch`` run first; unmounted afterwards.
 
     On a clean exit of the block the daemon must end with status 0 (its log
-    may hold the expected errors); after a failure it is cleaned up quietly.
+    may hold the expected errors, unless ``clean_log``); after a failure it is
+    cleaned up quietly.
     """
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
@@ -56,7 +64,7 @@ def patched_daemon(tmp_path: Path, patch: str, *args: str, options: str = "size=
             process.kill()
         process.wait()
         raise
-    stop_mmfs(mount, check_log=False)
+    stop_mmfs(mount, check_log=clean_log)
 
 
 def assert_serving(mount: Mount, name: str = "alive") -> None:
@@ -97,3 +105,41 @@ def test_exception_in_forget_is_logged_and_the_mount_keeps_serving(tmp_path: Pat
         text = mount.log_text()
         assert "Traceback" in text and " ERROR " in text, text
     assert not is_mounted(mount.path)
+
+
+# --- 2. the arena out of memory ----------------------------------------------------
+# pwrite into the arena's shmem file fails for data carrying a marker.
+NO_MEMORY_FOR_MARKERS = """
+import errno, os
+real_pwrite = os.pwrite
+def pwrite(fd, data, offset):
+    for marker, err in ((b"ENOMEM-MARKER", errno.ENOMEM), (b"ENOSPC-MARKER", errno.ENOSPC)):
+        if marker in bytes(data):
+            raise OSError(err, os.strerror(err))
+    return real_pwrite(fd, data, offset)
+os.pwrite = pwrite
+"""
+SLOT = 64 * 1024  # the arena's unit: one write request is stored slot by slot
+
+
+def test_arena_refusing_pages_answers_enospc(tmp_path: Path) -> None:
+    with patched_daemon(tmp_path, NO_MEMORY_FOR_MARKERS, "tmpfs", clean_log=True) as mount:
+        path = mount.path / "f"
+        path.write_bytes(b"before" * 1000)
+        used = os.statvfs(mount.path).f_bfree
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for marker in (b"ENOMEM-MARKER", b"ENOSPC-MARKER"):
+                for offset in (0, 3 * SLOT):  # held pages and fresh ones
+                    with pytest.raises(OSError) as info:
+                        os.pwrite(fd, marker, offset)
+                    assert info.value.errno == errno.ENOSPC, (marker, offset)
+                # the first slot's bytes are stored, the second's refused: a short write
+                assert os.pwrite(fd, b"a" * SLOT + marker, 8 * SLOT) == SLOT, marker
+        finally:
+            os.close(fd)
+        assert os.statvfs(mount.path).f_bfree == used - SLOT // os.sysconf("SC_PAGE_SIZE")
+        assert read_uncached(path)[: 6000] == b"before" * 1000
+        assert read_uncached(path)[8 * SLOT :] == b"a" * SLOT
+        assert_serving(mount)
+        assert "backing storage failed" not in mount.log_text()

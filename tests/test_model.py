@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import errno
+import logging
+import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -79,6 +81,44 @@ def test_write_at_limit_is_short_then_enospc(arena: Arena) -> None:
     assert info.value.errno == errno.ENOSPC
     content.write(0, b"z" * 100)  # overwriting held pages needs no new space
     assert bytes(content.read(limit - 1, 10)) == b"b"
+
+
+@pytest.mark.parametrize("failure", ["/dev/full", "ENOMEM"])
+def test_arena_out_of_memory_answers_enospc_and_keeps_the_books(
+    failure: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shmem file refuses pages (ENOSPC as on /dev/full; ENOMEM as from a
+    memory cgroup): the write is ENOSPC, as on tmpfs, not EIO, with no warning,
+    and neither the file nor the page budget changes."""
+    arena = Arena(256 * MiB, page_limit=(16 * MiB) // PAGE)
+    fs = Filesystem(lambda: AnonContent(arena), FsConfig())
+    f = fs.create_file(ROOT_INO, b"f", 0o644, 0, 0)
+    fh = fs.open(f.ino, 0)
+    fs.write(fh, 0, b"kept" * 1000)
+    held, slots = arena.pages_held, arena.slots_in_use()
+    real_file = arena.file
+    if failure == "/dev/full":
+        arena.file = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
+    else:
+        def no_memory(fd: int, data: object, offset: int) -> int:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+        monkeypatch.setattr(os, "pwrite", no_memory)
+    with caplog.at_level(logging.WARNING):
+        assert errno_of(fs.write, fh, 5 * SLOT, b"new" * 10) == errno.ENOSPC  # a fresh slot
+        assert errno_of(fs.write, fh, PAGE, b"new" * 2000) == errno.ENOSPC  # fresh pages of a held slot
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
+    assert (arena.pages_held, arena.slots_in_use(), f.content.pages) == (held, slots, 1)  # type: ignore[union-attr]
+    assert f.size == 4000
+    if failure == "/dev/full":
+        os.close(arena.file)  # type: ignore[arg-type]
+        arena.file = real_file
+    else:
+        monkeypatch.undo()
+    assert fs.write(fh, 5 * SLOT, b"new") == 3  # memory is back: writes work again
+    assert bytes(fs.read(fh, 0, 8)) == b"keptkept" and bytes(fs.read(fh, 5 * SLOT - 1, 4)) == b"\0new"
+    fs.release(fh)
+    fs.check_invariants()
 
 
 def test_namespace_basics(fs: Filesystem) -> None:
@@ -172,8 +212,9 @@ def test_model_and_storage_do_not_import_fuse_or_trio() -> None:
     package = Path(__file__).resolve().parent.parent / "mmfs"
     for module in ("fs.py", "acl.py", "content.py", "lower.py", "arena.py", "options.py"):
         tree = ast.parse((package / module).read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        nodes = list(ast.walk(tree))
+        imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & {"pyfuse3", "trio"}, module
 
 
