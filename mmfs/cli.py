@@ -21,11 +21,12 @@ import subprocess
 import sys
 
 from .mount import check_mountpoint, serve
-from .options import HelpRequested, MountConfig, UsageError, parse_args
+from .options import HelpRequested, MountConfig, UsageError, parse_args, shown
 
 FILE_FORMAT = "%(asctime)s mmfs[%(process)d] %(levelname)s %(name)s: %(message)s"
 SYSLOG_FORMAT = "mmfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
 STDERR_FORMAT = "mmfs %(levelname)s %(name)s: %(message)s"
+SYSLOG_SOCKET = "/dev/log"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +67,7 @@ def fallback_log() -> str:
 def syslog_available() -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        probe.connect("/dev/log")
+        probe.connect(SYSLOG_SOCKET)
         return True
     except OSError:
         return False
@@ -93,7 +94,7 @@ def open_log(config: MountConfig) -> int | None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as error:
-        raise UsageError(f"cannot open log file {path}: {error.strerror}") from None
+        raise UsageError(f"cannot open log file {shown(path)}: {error.strerror}") from None
 
 
 def setup_logging(config: MountConfig, log_file: int | None) -> None:
@@ -106,7 +107,7 @@ def setup_logging(config: MountConfig, log_file: int | None) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(STDERR_FORMAT))
     else:
-        handler = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler = logging.handlers.SysLogHandler(SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO, handlers=[handler], force=True)
 
@@ -119,7 +120,7 @@ def stderr_target(log_file: int | None) -> int:
     logger = shutil.which("logger")
     if logger is None:
         return os.open(os.devnull, os.O_WRONLY)
-    command = [logger, f"--id={os.getpid()}", "-t", "mmfs", "-p", "daemon.err"]
+    command = [logger, "-u", SYSLOG_SOCKET, f"--id={os.getpid()}", "-t", "mmfs", "-p", "daemon.err"]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert process.stdin is not None
     return process.stdin.fileno()

@@ -13,6 +13,7 @@ import faulthandler
 import logging
 import os
 import resource
+import shlex
 import signal
 import stat
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from .content import AnonContent, CowContent, MapBudget
 from .fs import Filesystem, FsConfig
 from .fuse_ops import Operations
 from .lower import LowerDir, LowerEntry
-from .options import MountConfig, UsageError
+from .options import MountConfig, UsageError, shown
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,18 @@ def check_mountpoint(path: str) -> None:
         st = os.stat(path)
         if is_mmfs_mount(path):
             os.statvfs(path)  # never cached by the kernel: only a live daemon answers
-            raise UsageError(f"already mounted: {path}")
+            raise UsageError(f"already mounted: {shown(path)}")
     except FileNotFoundError:
-        raise UsageError(f"mountpoint does not exist: {path}") from None
+        raise UsageError(f"mountpoint does not exist: {shown(path)}") from None
     except OSError as error:
         if error.errno == errno.ENOTCONN:
             raise UsageError(
-                f"{path}: the filesystem mounted there is dead (its daemon stopped); "
-                f"clear it with: fusermount3 -u {path}"
+                f"{shown(path)}: the filesystem mounted there is dead (its daemon stopped); "
+                f"clear it with: fusermount3 -u {shlex.quote(path) if path.isprintable() else shown(path)}"
             ) from None
-        raise UsageError(f"cannot use mountpoint {path}: {error.strerror}") from None
+        raise UsageError(f"cannot use mountpoint {shown(path)}: {error.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"mountpoint is not a directory: {path}")
+        raise UsageError(f"mountpoint is not a directory: {shown(path)}")
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing: is the fuse kernel module loaded?")
     try:
@@ -82,7 +83,7 @@ def open_lower(path: str) -> LowerDir:
     try:
         return LowerDir(path)
     except OSError as error:
-        raise UsageError(f"lowerdir {path}: {error.strerror}") from None
+        raise UsageError(f"lowerdir {shown(path)}: {error.strerror}") from None
 
 
 def build(config: MountConfig) -> Operations:

@@ -34,6 +34,11 @@ class UsageError(Exception):
     """A bad invocation; ``str()`` is the one line to print."""
 
 
+def shown(path: str) -> str:
+    """A path as one line of a message: quoted if it holds a newline, tab or the like."""
+    return path if path.isprintable() else repr(path)
+
+
 class HelpRequested(Exception):
     """``-h``/``--help`` or ``--version``: ``str()`` is the text to print; exit 0."""
 
@@ -116,7 +121,7 @@ def apply_option(config: MountConfig, option: str) -> None:
         if not value:
             raise UsageError("bad value for lowerdir: ''")
         if config.lowerdir is not None and os.path.abspath(config.lowerdir) != os.path.abspath(value):
-            raise UsageError(f"two different lowerdirs: {config.lowerdir} and lowerdir={value}")
+            raise UsageError(f"two different lowerdirs: {shown(config.lowerdir)} and lowerdir={shown(value)}")
         config.lowerdir = value
     elif name == "busy_poll":
         if value not in ("0", "1"):
