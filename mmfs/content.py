@@ -11,18 +11,22 @@ growing a file (truncate up, or a write past EOF) exposes zeros for free.
 maps it ``MAP_PRIVATE`` at the first write, so only written pages are copied.
 
 Knows only bytes, the arena and backing file descriptors; synchronous, single
-caller.
+caller.  A lease break is handled outside any request, so nothing escapes
+``MapBudget.lease_breaks``: what goes wrong there is logged here.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import mmap
 import os
 from collections.abc import Callable
 
 from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, Buffer, NoSpace
+
+log = logging.getLogger(__name__)
 
 
 def page_mask(inner: int, length: int) -> int:
@@ -223,6 +227,14 @@ class BackingGone(OSError):
         super().__init__(errno.EIO, "backing file changed underneath the overlay")
 
 
+class PagesLost(OSError):
+    """Pages written on the mount could not be kept when the backing file's
+    writer took it back (see ``CowContent.retire``); the file answers EIO."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EIO, "pages written to this lower file were lost when its backing file changed")
+
+
 class MapBudget:
     """The private file mappings in use: bounded, and each guarded by a read lease.
 
@@ -260,9 +272,21 @@ class MapBudget:
         return mapping
 
     def lease_breaks(self) -> None:
-        """Retire every mapping whose lease someone is breaking."""
+        """Retire every mapping whose lease someone is breaking.
+
+        Never raises: it runs on SIGIO, outside any request, and every writer
+        waiting on one of these files must be let go.  A lease that cannot be
+        queried counts as broken: retiring a map for nothing costs memory,
+        keeping the map of a file that is being truncated would cost the
+        daemon (SIGBUS).
+        """
         for content in list(self.mapped):
-            if content.lease_broken():
+            try:
+                broken = content.lease_broken()
+            except OSError:
+                log.exception("cannot query the lease of a mapped lower file; retiring its map to be safe")
+                broken = True
+            if broken:
                 content.retire()
 
 
@@ -279,7 +303,8 @@ class CowContent:
 
     A backing file that shrank underneath answers EIO, never SIGBUS: short
     preads are errors, and a mapped file is guarded by a lease whose break moves
-    the written pages into the arena before the writer may go on.
+    the written pages into the arena before the writer may go on.  If they find
+    no room there, they are lost and the file answers EIO from then on (``lost``).
     """
 
     def __init__(self, arena: Arena, maps: MapBudget, open_backing: Callable[[], int], size: int, blocks: int) -> None:
@@ -297,6 +322,7 @@ class CowContent:
         self.dirty = 0  # bitmask of map pages written (charged to the arena)
         self.copying = False  # copy-on-write into the arena instead of a map
         self.copied = 0  # bitmask of backing pages copied into the tail
+        self.lost = False  # written pages lost in a lease break: every access is EIO
         self._fd: int | None = None
 
     @property
@@ -341,7 +367,12 @@ class CowContent:
         return runs
 
     # --- Content ------------------------------------------------------------
+    def _check_lost(self) -> None:
+        if self.lost:
+            raise PagesLost()
+
     def read(self, offset: int, length: int) -> Buffer:
+        self._check_lost()
         end = min(self.size, offset + length)
         if offset >= end:
             return b""
@@ -353,6 +384,7 @@ class CowContent:
         return bytes(low) + bytes(high) if low else high
 
     def write(self, offset: int, data: Buffer) -> int:
+        self._check_lost()
         end = offset + len(data)
         split = max(offset, min(end, self.lower_size))
         written = 0
@@ -405,6 +437,7 @@ class CowContent:
         return len(data)
 
     def truncate(self, size: int) -> None:
+        self._check_lost()
         if size < self.lower_size:
             self.lower_size = size
             self.lower_pages = min(self.lower_pages, -(-size // PAGE))
@@ -427,32 +460,58 @@ class CowContent:
 
     def retire(self) -> None:
         """The backing file is about to change (its writer waits for us): keep the
-        pages written so far by moving them into the arena, and drop the map."""
-        assert self.map is not None
+        pages written so far by moving them into the arena, and drop the map.
+
+        Never raises.  Whatever fails, the map is dropped and the backing file
+        closed, so that the writer may go on (a map touched after it truncated
+        the file would be SIGBUS).  Pages that cannot be kept are lost: from
+        then on the file answers EIO (``PagesLost``) rather than stale bytes.
+        """
+        try:
+            self._move_written_pages()
+        except NoSpace:
+            self.lost = True
+            log.error("no room in memory for the pages written to a lower file whose backing file is being "
+                      "changed underneath the overlay: they are lost, and that file answers EIO from now on")
+        except Exception:
+            self.lost = True
+            log.exception("internal error moving the pages of a lower file whose backing file is being "
+                          "changed; that file answers EIO from now on")
+        finally:
+            self._unmap()
+
+    def _move_written_pages(self) -> None:
+        if self.map is None:
+            return
+        self.copying = True  # never map this file again: its writer has it
         pages = [page for page in range(self.dirty.bit_length()) if self.dirty >> page & 1]
         saved = [self.map[page * PAGE : min((page + 1) * PAGE, self.lower_size)] for page in pages]
         self._unmap()
         for page, data in zip(pages, saved, strict=True):
-            self.tail.write(page * PAGE, data)
+            self.tail.write(page * PAGE, data)  # one page: all of it, or NoSpace
             self.copied |= 1 << page
-        self.copying = True
 
     def _unmap(self) -> None:
-        if self.map is not None:
-            self._drop_dirty_from(0)
-            self.map.close()
-            self.map = None
-            self.maps.mapped.discard(self)
-        self._close_backing()  # closing the last descriptor gives the lease up
+        """Drop the map (its written pages go back to the budget) and close the
+        backing file; both are gone afterwards even if something fails."""
+        mapping, self.map = self.map, None
+        try:
+            if mapping is not None:
+                self.maps.mapped.discard(self)
+                self.account.give(self.dirty.bit_count())
+                self.dirty = 0
+                mapping.close()
+        finally:
+            self._close_backing()  # closing the last descriptor gives the lease up
 
     def release(self) -> None:
         self._unmap()
         self.tail.release()
 
     def _close_backing(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _close_backing_unless_mapped(self) -> None:
         if self.map is None:

@@ -10,6 +10,13 @@ says what went wrong.
 2. The arena's shmem file refuses pages (``pwrite`` fails with ENOMEM or
    ENOSPC, as under a memory cgroup limit): the write answers ENOSPC like
    tmpfs, nothing is logged, and everything stored before is intact.
+3. A lease break (someone opens a privately mapped backing file for writing)
+   that cannot be handled as usual: the pages written on the mount find no room
+   in the arena, or the lease cannot be queried.  The writer still gets
+   through, the daemon holds neither map nor descriptor of that file any more
+   (the writer may truncate it: a map touched afterwards would be SIGBUS), the
+   file answers EIO if its pages were lost, every other file is unharmed, and
+   LOWERDIR is written by nobody but the test's writer.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +151,133 @@ def test_arena_refusing_pages_answers_enospc(tmp_path: Path) -> None:
         assert read_uncached(path)[8 * SLOT :] == b"a" * SLOT
         assert_serving(mount)
         assert "backing storage failed" not in mount.log_text()
+
+
+# --- 3. lease breaks ------------------------------------------------------------
+MiB = 1 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# F_GETLEASE fails, as a bug or a kernel surprise would make it.
+LEASE_QUERY_FAILS = """
+import errno, fcntl
+real_fcntl = fcntl.fcntl
+def failing_fcntl(fd, command, *args):
+    if command == fcntl.F_GETLEASE:
+        raise OSError(errno.EIO, "injected F_GETLEASE fault")
+    return real_fcntl(fd, command, *args)
+fcntl.fcntl = failing_fcntl
+"""
+
+
+def build_lower(lower: Path) -> dict[str, bytes]:
+    """Two large files (mapped at their first write) and a small one."""
+    lower.mkdir()
+    files = {"big": os.urandom(4 * MiB), "other": os.urandom(4 * MiB), "small": b"small file\n"}
+    for name, data in files.items():
+        (lower / name).write_bytes(data)
+    return files
+
+
+def daemon_holds(pid: int, path: Path) -> bool:
+    """Whether the daemon maps ``path`` or has it open (by device and inode:
+    it opens LOWERDIR through a detached clone, whose paths look different)."""
+    st = os.stat(path)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 5 and fields[3] == device and int(fields[4]) == st.st_ino:
+                return True
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            held = os.stat(f"/proc/{pid}/fd/{fd}")
+            if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
+class Writer:
+    """The test as the writer of a backing file: its open waits for the lease break."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd: int | None = None
+        self.thread = threading.Thread(target=self._open, args=(path,), daemon=True)
+        self.thread.start()
+
+    def _open(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def through(self) -> bool:
+        """Whether the open returned.  The kernel lets it go on by itself after
+        lease-break-time (45 s here); the test waits well below that."""
+        self.thread.join(timeout=20)
+        return self.fd is not None
+
+    def close(self) -> None:
+        self.thread.join(timeout=60)
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def pread_uncached(path: Path, length: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def write_through_mount(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fault", ["no room for the pages", "lease query fails"])
+def test_lease_break_that_fails_lets_the_writer_through_and_harms_nothing_else(tmp_path: Path, fault: str) -> None:
+    lower = tmp_path / "lower"
+    files = build_lower(lower)
+    marker = b"ENOSPC-MARKER"  # NO_MEMORY_FOR_MARKERS: the arena refuses the page that holds it
+    patch = NO_MEMORY_FOR_MARKERS if fault == "no room for the pages" else LEASE_QUERY_FAILS
+    with patched_daemon(tmp_path, patch, "overlay", str(lower)) as mount:
+        pid = mount.process.pid
+        write_through_mount(mount.path / "big", MiB, marker)  # mapped MAP_PRIVATE now
+        write_through_mount(mount.path / "other", 2 * MiB, b"other bytes")
+        assert daemon_holds(pid, lower / "big") and daemon_holds(pid, lower / "other")
+
+        writer = Writer(lower / "big")
+        try:
+            assert writer.through(), "the writer still waits for the lease break"
+            assert wait_for(lambda: not daemon_holds(pid, lower / "big")), "the daemon still holds the file"
+            if fault == "no room for the pages":  # the written page is lost: EIO, never stale bytes
+                for offset in (MiB, 0):
+                    with pytest.raises(OSError) as info:
+                        pread_uncached(mount.path / "big", PAGE, offset)
+                    assert info.value.errno == errno.EIO
+            else:  # the lease counts as broken: the written page is kept in the arena
+                assert pread_uncached(mount.path / "big", len(marker), MiB) == marker
+                assert pread_uncached(mount.path / "big", PAGE, 0) == files["big"][:PAGE]
+            assert writer.fd is not None
+            os.ftruncate(writer.fd, 0)  # the writer changes the file, as writers do
+            assert mount.process.poll() is None
+            if fault == "lease query fails":
+                assert pread_uncached(mount.path / "big", len(marker), MiB) == marker
+        finally:
+            writer.close()
+
+        expected_other = bytearray(files["other"])
+        expected_other[2 * MiB : 2 * MiB + 11] = b"other bytes"
+        assert read_uncached(mount.path / "other") == bytes(expected_other)
+        assert read_uncached(mount.path / "small") == files["small"]
+        write_through_mount(mount.path / "other", 3 * MiB, b"more")
+        assert pread_uncached(mount.path / "other", 4, 3 * MiB) == b"more"
+        assert_serving(mount)
+        text = mount.log_text()
+        if fault == "no room for the pages":
+            assert "no room in memory for the pages written" in text, text
+        else:
+            assert "Traceback" in text and "injected F_GETLEASE fault" in text, text
+    assert (lower / "big").read_bytes() == b""  # only the test's writer changed LOWERDIR
+    assert (lower / "other").read_bytes() == files["other"] and (lower / "small").read_bytes() == files["small"]
