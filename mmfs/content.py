@@ -203,6 +203,24 @@ class AnonContent:
             self.arena.sync(slot)
 
 
+def page_runs(mask: int, offset: int, end: int) -> list[tuple[int, int, bool]]:
+    """Split [offset, end) into runs of pages whose bit in ``mask`` is set (True)
+    or clear (False), in order."""
+    first = offset // PAGE
+    count = (end - 1) // PAGE - first + 1
+    every = (1 << count) - 1
+    window = mask >> first & every
+    runs: list[tuple[int, int, bool]] = []
+    page = 0
+    while page < count:
+        mine = bool(window >> page & 1)
+        rest = (every & ~window if mine else window) >> page  # the pages that differ, from here on
+        following = page + (rest & -rest).bit_length() - 1 if rest else count
+        runs.append((max(offset, (first + page) * PAGE), min(end, (first + following) * PAGE), mine))
+        page = following
+    return runs
+
+
 def _segments(offset: int, end: int) -> list[tuple[int, int, int]]:
     """Split [offset, end) into (slot index, offset in slot, length) pieces."""
     out = []
@@ -342,29 +360,30 @@ class CowContent:
         return data
 
     def _lower_read(self, offset: int, length: int) -> Buffer:
+        """Bytes [offset, offset+length) below ``lower_size``: pages written on the
+        mount from where they are kept (the map's private copies, or the arena),
+        every other page with pread.  Never through the map for a page not
+        written: a read fault would leave it mapped in the daemon (reading a
+        2 GiB file would add 2 GiB to its RSS); pread only passes through the
+        page cache."""
         if self.map is not None:
-            if self.map.size() < self.original_size:
+            if self.map.size() < self.original_size:  # the map would be SIGBUS past the new end
                 raise BackingGone()
-            return self.map[offset : offset + length]
-        pieces: list[Buffer] = []
-        for start, stop, copied in self._page_runs(offset, offset + length):
-            pieces.append(self.tail.read(start, stop - start) if copied else self._pread(start, stop - start))
+            written, kept = self.dirty, self._map_read
+        else:
+            written, kept = self.copied, self._tail_read  # a mapped file has nothing copied
+        pieces = [
+            kept(start, stop) if mine else self._pread(start, stop - start)
+            for start, stop, mine in page_runs(written, offset, offset + length)
+        ]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _page_runs(self, offset: int, end: int) -> list[tuple[int, int, bool]]:
-        """Split [offset, end) into runs of pages copied to the arena or not."""
-        if not self.copied:
-            return [(offset, end, False)]
-        runs: list[tuple[int, int, bool]] = []
-        pos = offset
-        while pos < end:
-            copied = bool(self.copied >> (pos // PAGE) & 1)
-            stop = min(end, (pos // PAGE + 1) * PAGE)
-            while stop < end and bool(self.copied >> (stop // PAGE) & 1) == copied:
-                stop = min(end, stop + PAGE)
-            runs.append((pos, stop, copied))
-            pos = stop
-        return runs
+    def _map_read(self, start: int, stop: int) -> Buffer:
+        assert self.map is not None
+        return self.map[start:stop]
+
+    def _tail_read(self, start: int, stop: int) -> Buffer:
+        return self.tail.read(start, stop - start)
 
     # --- Content ------------------------------------------------------------
     def _check_lost(self) -> None:

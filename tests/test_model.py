@@ -289,3 +289,49 @@ def test_overlay_copy_on_write_changes_only_the_view(
     assert (lower_tree / "a" / "f").read_bytes() == b"lower data" * 100_000
     assert (lower_tree / "small").read_bytes() == b"tiny"
     fs.check_invariants()
+
+
+def test_page_runs_split_ranges_by_the_bits_of_a_mask() -> None:
+    import random
+
+    from mmfs.content import page_runs
+
+    rng = random.Random(5)
+    for _ in range(500):
+        mask = rng.getrandbits(40) & rng.getrandbits(40) if rng.random() < 0.8 else rng.choice((0, (1 << 40) - 1))
+        offset = rng.randrange(30 * PAGE)
+        end = offset + rng.randrange(1, 10 * PAGE)
+        runs = page_runs(mask, offset, end)
+        assert runs[0][0] == offset and runs[-1][1] == end
+        for (start, stop, mine), following in zip(runs, runs[1:] + [None], strict=True):
+            assert start < stop and all(bool(mask >> (pos // PAGE) & 1) == mine for pos in range(start, stop))
+            if following is not None:
+                assert following[0] == stop and following[2] != mine
+
+
+@pytest.mark.parametrize("map_limit", [10, 0], ids=["mapped", "arena-copied"])
+def test_overlay_reads_span_written_and_unwritten_pages(
+    tmp_path: Path, arena: Arena, lower_tree: Path, map_limit: int
+) -> None:
+    """Reads of every length and offset over a lower file with scattered written
+    pages give the backing bytes with the written ones on top."""
+    import random
+
+    fs = overlay_fs(tmp_path, arena, map_limit)
+    a = fs.lookup(ROOT_INO, b"a")
+    f = fs.lookup(a.ino, b"f")  # type: ignore[union-attr]
+    assert f is not None
+    expected = bytearray((lower_tree / "a" / "f").read_bytes())
+    fh = fs.open(f.ino, 0)
+    rng = random.Random(9)
+    for _ in range(40):
+        offset, data = rng.randrange(len(expected) - 100), rng.randbytes(rng.randrange(1, 3 * PAGE))
+        data = data[: len(expected) - offset]
+        assert fs.write(fh, offset, data) == len(data)
+        expected[offset : offset + len(data)] = data
+    for _ in range(300):
+        offset = rng.randrange(len(expected))
+        length = rng.randrange(1, 6 * PAGE)
+        assert bytes(fs.read(fh, offset, length)) == expected[offset : offset + length]
+    fs.release(fh)
+    fs.check_invariants()

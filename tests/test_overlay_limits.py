@@ -611,6 +611,78 @@ def test_one_byte_in_a_1gib_lower_file_costs_one_page(tmp_path: Path, mmfs_facto
     assert lower_fingerprint(path, middle) == before
 
 
+def vm_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KiB
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def pattern_mib(n: int, block: bytes) -> bytes:
+    """MiB number ``n`` of the big lower file: every MiB different."""
+    return n.to_bytes(8, "little") + block[8:]
+
+
+READ_RSS_LIMIT = 64 * MiB
+
+
+def test_reading_a_modified_2gib_lower_file_keeps_the_daemon_small(
+    tmp_path: Path, mmfs_factory: Factory, record_property: Callable[[str, object], None]
+) -> None:
+    """A lower file with a few pages written on the mount is read end to end,
+    uncached (every read reaches the daemon): the pages never written must not
+    stay mapped in the daemon, so its VmRSS grows by at most READ_RSS_LIMIT.
+    The reads straddle written and unwritten pages and are checked byte for byte.
+
+    LOWERDIR is a kernel tmpfs holding 2 GiB of real data (a sparse file would
+    map the zero page and show nothing)."""
+    lower = tmp_path / "lowerfs"
+    lower.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2200m", "lower", str(lower)], check=True)
+    try:
+        block = os.urandom(MiB)
+        size = 2 * GiB
+        with open(lower / "big", "wb") as big:
+            for n in range(size // MiB):
+                big.write(pattern_mib(n, block))
+        mount = mmfs_factory("overlay", str(lower), options="size=256m")
+        pid = mount.process.pid
+        written = {GiB + 123: b"W", 5 * MiB - 10: b"across a page edge", size - 3: b"end"}
+        fd = os.open(mount.path / "big", os.O_RDWR)
+        try:
+            for offset, data in written.items():
+                assert os.pwrite(fd, data, offset) == len(data)  # the file is mapped MAP_PRIVATE now
+            drop_cache(fd)
+            before = vm_rss(pid)
+            wrong = []
+            for n in range(size // MiB):
+                chunk = os.pread(fd, MiB, n * MiB)
+                os.posix_fadvise(fd, n * MiB, MiB, os.POSIX_FADV_DONTNEED)  # the next read of it reaches the daemon
+                expected = bytearray(pattern_mib(n, block))
+                for offset, data in written.items():
+                    for i, byte in enumerate(data):
+                        if n * MiB <= offset + i < (n + 1) * MiB:
+                            expected[offset + i - n * MiB] = byte
+                if chunk != expected:
+                    wrong.append(n)
+            grown = vm_rss(pid) - before
+        finally:
+            os.close(fd)
+        record_property("read_2gib_rss_growth_mib", round(grown / MiB, 1))
+        print(f"\nreading a modified 2 GiB lower file: daemon VmRSS grew {grown / MiB:.1f} MiB")
+        assert not wrong, f"{len(wrong)} MiB read back wrong, e.g. MiB {wrong[:5]}"
+        assert grown <= READ_RSS_LIMIT, f"the daemon's VmRSS grew {grown / MiB:.0f} MiB"
+        assert_alive(mount)
+        stop_mmfs(mount)
+        with open(lower / "big", "rb") as big:  # LOWERDIR untouched
+            for offset in written:
+                big.seek(offset // MiB * MiB)
+                assert big.read(MiB) == pattern_mib(offset // MiB, block)
+    finally:
+        subprocess.run(["umount", str(lower)], check=True)
+
+
 # --- 6. scale ---------------------------------------------------------------
 DIRS, PER_DIR, MODIFIED = 100, 1000, 70_000
 
