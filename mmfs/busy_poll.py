@@ -55,33 +55,43 @@ class PollingWait:
     The polling window shrinks by half each time it runs out, down to nothing,
     and is whole again as soon as a request comes within it: a client that
     sends requests far apart costs a few short polls, not ``SPIN`` each time.
+
+    ``caught_polling`` and ``waits_in_trio`` count the calls each way (every
+    call is one or the other): how often polling paid off.
     """
 
-    def __init__(self, device: int, wait_in_trio: Wait, spin: float = SPIN) -> None:
+    def __init__(
+        self, device: int, wait_in_trio: Wait, spin: float = SPIN, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.poller = select.poll()
         self.poller.register(device, select.POLLIN)
         self.wait_in_trio = wait_in_trio
         self.spin = spin
         self.window = spin
-        self.last_yield = time.perf_counter()
+        self.clock = clock  # seconds; a test drives the window with a fake one
+        self.last_yield = clock()
+        self.caught_polling = 0  # calls that found a request while polling
+        self.waits_in_trio = 0  # calls that went to trio: no request within the window, no window, or time to yield
 
     async def __call__(self) -> bool:
-        now = time.perf_counter()
+        now = self.clock()
         if self.window and now - self.last_yield < YIELD_EVERY:
             if self._request_within(now + self.window):
                 self.window = self.spin
+                self.caught_polling += 1
                 return True
             self.window = self.window / 2 if self.window > self.spin / 8 else 0.0
-        began = time.perf_counter()
+        self.waits_in_trio += 1
+        began = self.clock()
         ready = await self.wait_in_trio()
-        self.last_yield = time.perf_counter()
+        self.last_yield = self.clock()
         if self.last_yield - began < self.spin:
             self.window = self.spin  # polling would have caught this one
         return ready
 
     def _request_within(self, deadline: float) -> bool:
         while not self.poller.poll(0):
-            if time.perf_counter() > deadline:
+            if self.clock() > deadline:
                 return False
         return True
 
