@@ -689,12 +689,22 @@ def test_cp_a_then_diff_and_du_match_kernel_tmpfs(mnt: Path, kernel_tmpfs: Path)
 # --- 9. fsync runs msync -----------------------------------------------------
 
 
-def tracer_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("TracerPid:"):
-                return int(line.split()[1])
+def tracer_pid(pid: int, tid: int | None = None) -> int:
+    """Who ptraces the process (or its thread ``tid``); 0 for nobody."""
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    try:
+        with open(path) as status:
+            for line in status:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:  # the thread ended
+        pass
     return 0
+
+
+def traced_by(pid: int, tracer: int) -> bool:
+    """Whether ``tracer`` has attached to every thread of ``pid``."""
+    return all(tracer_pid(pid, int(tid)) == tracer for tid in os.listdir(f"/proc/{pid}/task"))
 
 
 def msync_calls(trace: Path) -> list[str]:
@@ -719,16 +729,16 @@ def test_fsync_and_fdatasync_msync_the_arena(mmfs_factory: Callable[..., Any], t
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: tracer.poll() is not None or tracer_pid(pid) != 0, "strace to attach")
+        wait_for(lambda: tracer.poll() is not None or traced_by(pid, tracer.pid), "strace to attach to every thread")
         assert tracer.poll() is None, f"strace exited {tracer.returncode}"
-        time.sleep(0.2)  # let strace attach to every thread
         assert msync_calls(trace) == []
         fd = os.open(mount.path / "synced", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             os.write(fd, b"x" * 100_000)
             os.fsync(fd)
+            # strace prints a syscall when it stops at its exit, before the daemon goes
+            # on; the daemon answers fsync after its msyncs: they are all written now.
             wait_for(lambda: len(msync_calls(trace)) > 0, "msync after fsync")
-            time.sleep(0.1)
             after_fsync = len(msync_calls(trace))
             os.write(fd, b"y")
             os.fdatasync(fd)
