@@ -39,6 +39,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 SHORT_SYMLINK = 128  # tmpfs keeps shorter targets in the inode, longer ones in a page
+END_OFFSET = 1 << 62  # readdir offsets: an entry with cookie c is at END_OFFSET - c
 DAY_NS = 86400 * 10**9
 BOGO_DIRENT_SIZE = 20  # tmpfs counts a directory's size as 20 bytes an entry
 
@@ -116,9 +117,9 @@ class Inode:
     lookups: int = 0  # kernel references (lookup/create/... minus forget)
     opens: int = 0  # open handles
     content: Content | None = None  # regular files
-    entries: dict[bytes, tuple[int, int]] | None = None  # dirs: name -> (ino, cookie)
+    entries: dict[bytes, tuple[int, int]] | None = None  # dirs: name -> (ino, cookie), in cookie order
     parent: int = 0  # dirs: the directory holding this one
-    next_cookie: int = 3  # dirs: 1 and 2 are "." and ".."
+    next_cookie: int = 3  # dirs: the cookie of the next name linked (counts up; never reused)
     target: bytes = b""  # symlinks
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     lower: bytes | None = None  # dirs: backing directory not listed yet
@@ -152,7 +153,7 @@ class Handle:
 
     ino: int
     flags: int = 0
-    listing: list[tuple[int, bytes]] | None = None  # dirs: (cookie, name) snapshot
+    listing: list[tuple[int, bytes]] | None = None  # dirs: (cookie, name) snapshot, ascending
 
 
 @dataclass
@@ -221,14 +222,19 @@ class Filesystem:
         inode.target, inode.xattrs = entry.target, dict(entry.xattrs or {})
 
     def entries(self, directory: Inode) -> dict[bytes, tuple[int, int]]:
-        """A directory's entries, listing its backing directory the first time."""
+        """A directory's entries, listing its backing directory the first time.
+
+        The reference for a lower directory is its ``cp -a`` copy on tmpfs: cp
+        creates the entries in the order of their inode numbers (as getdents
+        gives them; the same number keeps getdents order), so they are linked
+        in that order and list newest first, by descending inode number."""
         assert directory.entries is not None
         if directory.lower is not None:
             assert self.lower is not None
             with storage_errors():
                 listing = self.lower.list(directory.lower)
             directory.lower = None
-            for entry in listing:
+            for entry in sorted(listing, key=lambda entry: entry.dirent_ino):
                 self._link_entry(directory, entry.name, self._lower_inode(entry, directory))
         return directory.entries
 
@@ -331,6 +337,7 @@ class Filesystem:
         return self.remember(child) if child is not None else None
 
     def _link_entry(self, parent: Inode, name: bytes, inode: Inode) -> None:
+        """Link ``name`` with a new cookie: it lists first (see ``readdir``)."""
         assert parent.entries is not None
         parent.entries.pop(name, None)  # keeps cookie order == dict order
         parent.entries[name] = (inode.ino, parent.next_cookie)
@@ -510,9 +517,10 @@ class Filesystem:
             raise FsError(errno.EINVAL)
         if a is b:
             return
-        assert src_dir.entries is not None and dst_dir.entries is not None
-        src_dir.entries[old] = (b.ino, src_dir.entries[old][1])
-        dst_dir.entries[new] = (a.ino, dst_dir.entries[new][1])
+        # Both names move to the front of their listings, ``new`` ahead of
+        # ``old`` in one directory, as on tmpfs (d_exchange re-adds both dentries).
+        self._link_entry(src_dir, old, b)
+        self._link_entry(dst_dir, new, a)
         self._reparent(a, src_dir, dst_dir)
         self._reparent(b, dst_dir, src_dir)
         self._touch(src_dir, dst_dir)
@@ -624,10 +632,17 @@ class Filesystem:
         return self._new_handle(Handle(ino))
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Inode, int]]:
-        """(name, inode, cookie) after cookie ``start``, stable while the dir changes.
+        """(name, inode, offset) of the entries after offset ``start``: "." (1),
+        ".." (2), then the names newest first, as kernel tmpfs lists them.
 
-        The listing is a snapshot taken when reading starts at 0; entries removed
-        since are skipped, entries added since appear after the next rewind.
+        Every name gets a cookie when it is linked into the directory (created,
+        linked, renamed or exchanged there); names list by descending cookie,
+        at offset END_OFFSET - cookie, so offsets ascend along a listing.  The
+        listing is a snapshot taken when reading starts at 0 (or on a handle's
+        first read at any offset); resumed at an offset, it goes on after it:
+        names removed since are skipped, names linked since (which list first)
+        wait for the next rewind, and no name there all along is skipped or
+        repeated.
         """
         handle = self.handle(fh)
         directory = self._dir(handle.ino)
@@ -639,10 +654,12 @@ class Filesystem:
         if start < 2:
             yield b"..", self.inodes[directory.parent], 2
         listing = handle.listing
-        for cookie, name in listing[bisect.bisect_right(listing, (start, b"\xff" * 256)) :]:
+        below = bisect.bisect_left(listing, (END_OFFSET - max(start, 2),))  # cookies listed after ``start``
+        for index in range(below - 1, -1, -1):
+            cookie, name = listing[index]
             entry = directory.entries.get(name)
             if entry is not None and entry[1] == cookie:
-                yield name, self.inodes[entry[0]], cookie
+                yield name, self.inodes[entry[0]], END_OFFSET - cookie
         self._access(directory)
 
     def releasedir(self, fh: int) -> None:

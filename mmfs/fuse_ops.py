@@ -220,8 +220,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
-        for name, inode, cookie in self.fs.readdir(fh, start):
-            if not pyfuse3.readdir_reply(token, name, self.entry(inode), cookie):
+        for name, inode, offset in self.fs.readdir(fh, start):
+            if not pyfuse3.readdir_reply(token, name, self.entry(inode), offset):
                 return
             if name not in (b".", b".."):
                 self.fs.remember(inode)

@@ -57,6 +57,7 @@ class LowerEntry:
     st: os.stat_result
     target: bytes = b""  # symlinks
     xattrs: dict[bytes, bytes] | None = None
+    dirent_ino: int = 0  # the inode number getdents gave (a mountpoint's differs from st_ino)
 
 
 class LowerDir:
@@ -115,10 +116,15 @@ class LowerDir:
                 os.close(fd)
 
     def list(self, path: bytes) -> list[LowerEntry]:
-        """Every entry of the directory at ``path`` (not "." or "..")."""
+        """Every entry of the directory at ``path`` (not "." or ".."), in getdents order."""
         fd = self.open(path, os.O_DIRECTORY)
         try:
-            return [self.entry(path, os.fsencode(name), fd) for name in os.listdir(fd)]
+            with os.scandir(fd) as found:
+                names = [(os.fsencode(entry.name), entry.inode()) for entry in found]
+            entries = [self.entry(path, name, fd) for name, _ in names]
+            for entry, (_, ino) in zip(entries, names, strict=True):
+                entry.dirent_ino = ino
+            return entries
         finally:
             os.close(fd)
 

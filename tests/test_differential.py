@@ -39,6 +39,7 @@ import os
 import random
 import stat
 import struct
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,7 +226,7 @@ def op_stat(side: Side, ref: Ref, follow: bool) -> Any:
 
 
 def op_listdir(side: Side, path: bytes) -> Any:
-    return sorted(os.listdir(side.path(path)))
+    return os.listdir(side.path(path))  # in getdents order: the order must match too
 
 
 def op_mkdir(side: Side, path: bytes, mode: int) -> Any:
@@ -785,3 +786,167 @@ def test_timestamps_change_like_tmpfs(name: str, kernel_tmpfs: Path, mnt: Path) 
     want = changed_times(kernel_tmpfs, TIME_CASES[name])
     got = changed_times(mnt, TIME_CASES[name])
     assert want == got, f"{name}: tmpfs changed {sorted(want)}, mmfs changed {sorted(got)}"
+
+
+# --- directory order ------------------------------------------------------------
+# Kernel tmpfs lists the newest entry first: every name created, linked,
+# renamed or exchanged into a directory goes to the front of its listing.  In
+# overlay mode the reference is a copy of LOWERDIR made with ``cp -a`` onto
+# tmpfs: cp creates a directory's entries in inode order, so a lower directory
+# not yet changed lists by descending inode number.
+ORDER_NAMES = (b"a", b"b", b"c", b"d", b"e", b"f", b"g")
+ORDER_DIRS = (b"x", b"y", b"x/z")
+ORDER_SEEDS = range(6)
+ORDER_STEPS = 300
+
+
+def listings(root: bytes) -> dict[bytes, list[bytes]]:
+    """Every directory under root (relative) with its names in getdents order."""
+    out = {}
+    for rel in all_paths(root):
+        path = os.path.join(root, rel) if rel else root
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            out[rel] = os.listdir(path)
+    return out
+
+
+def order_op(rng: random.Random, oracle: bytes) -> Op:
+    """A random create, mkdir, unlink, rmdir, rename (every flag), link or symlink."""
+    _, dirs = existing(oracle)
+
+    def path() -> bytes:
+        parent, name = rng.choice(dirs), rng.choice(ORDER_NAMES + ORDER_DIRS[:2])
+        return parent + b"/" + name if parent else name
+
+    kind = rng.choices(("create", "mkdir", "unlink", "rmdir", "rename", "link", "symlink"), (6, 2, 4, 1, 8, 4, 1))[0]
+    if kind == "create":
+        return Op("mknod", (path(), "reg", 0o644))
+    if kind == "mkdir":
+        return Op("mkdir", (path(), 0o755))
+    if kind in ("unlink", "rmdir"):
+        return Op(kind, (path(),))
+    if kind == "rename":
+        return Op("rename", (path(), path(), rng.choices((0, RENAME_NOREPLACE, RENAME_EXCHANGE), (5, 1, 3))[0]))
+    if kind == "link":
+        return Op("link", (path(), path(), False))
+    return Op("symlink", (b"a", path()))
+
+
+def compare_order(oracle: Side, subject: Side, seed: int, label: str) -> None:
+    """Same results at every step, and after every step the same listing order."""
+    rng = random.Random(seed)
+    history: list[Op] = []
+    want_lists, got_lists = listings(oracle.root), listings(subject.root)
+    assert want_lists == got_lists, f"{label}: listings differ before any change"
+    for step in range(ORDER_STEPS):
+        op = order_op(rng, oracle.root)
+        history.append(op)
+        want, got = run(oracle, op), run(subject, op)
+        assert want == got, mismatch(seed, step, history, want, got)
+        want_lists, got_lists = listings(oracle.root), listings(subject.root)
+        assert want_lists == got_lists, mismatch(seed, step, history, ("ok", want_lists), ("ok", got_lists))
+
+
+@pytest.mark.parametrize("seed", ORDER_SEEDS)
+def test_listing_order_matches_tmpfs(seed: int, kernel_tmpfs: Path, mnt: Path) -> None:
+    oracle, subject = Side(bytes(kernel_tmpfs)), Side(bytes(mnt))
+    for side in (oracle, subject):
+        for directory in ORDER_DIRS:
+            os.mkdir(side.path(directory))
+    compare_order(oracle, subject, seed, "tmpfs mode")
+
+
+def build_order_lower(root: Path, seed: int) -> None:
+    """A LOWERDIR on disk whose entries were made in a random order (so inode
+    order, name order and the disk's own readdir order all differ), with hard
+    links inside one directory and across directories."""
+    rng = random.Random(seed)
+    for directory in (b"", *ORDER_DIRS):
+        os.makedirs(os.path.join(bytes(root), directory), exist_ok=True)
+    names = [(directory, name) for directory in (b"", *ORDER_DIRS) for name in ORDER_NAMES]
+    rng.shuffle(names)
+    made: list[bytes] = []
+    for directory, name in names[: len(names) * 2 // 3]:
+        path = os.path.join(bytes(root), directory, name)
+        if made and rng.random() < 0.3:
+            os.link(rng.choice(made), path)
+        else:
+            with open(path, "wb") as file:
+                file.write(name * rng.randrange(1, 100))
+            made.append(path)
+
+
+@pytest.mark.parametrize("seed", ORDER_SEEDS)
+def test_overlay_listing_order_matches_a_tmpfs_copy(
+    seed: int, tmp_path: Path, kernel_tmpfs: Path, mmfs_factory: Callable[..., Any]
+) -> None:
+    lower = tmp_path / "lower"
+    build_order_lower(lower, seed)
+    subprocess.run(["cp", "-a", f"{lower}/.", f"{kernel_tmpfs}/"], check=True)
+    before = listings(bytes(lower))
+    mount = mmfs_factory("overlay", str(lower), options="size=64m")
+    compare_order(Side(bytes(kernel_tmpfs)), Side(bytes(mount.path)), seed, "overlay mode")
+    assert listings(bytes(lower)) == before
+
+
+# getdents64(2): struct linux_dirent64 {u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[];}
+_libc.getdents64.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+_libc.getdents64.restype = ctypes.c_ssize_t
+DIRENT_HEADER = struct.Struct("<QqHB")
+
+
+def getdents(fd: int, size: int) -> list[bytes]:
+    """One getdents64 call with a buffer of ``size`` bytes: the names it returned."""
+    buffer = ctypes.create_string_buffer(size)
+    count = _libc.getdents64(fd, buffer, size)
+    if count < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    names, pos, raw = [], 0, buffer.raw[:count]
+    while pos < count:
+        _, _, reclen, _ = DIRENT_HEADER.unpack_from(raw, pos)
+        names.append(raw[pos + DIRENT_HEADER.size : pos + reclen].split(b"\0", 1)[0])
+        pos += reclen
+    return names
+
+
+@pytest.mark.parametrize("where", ["tmpfs", "mmfs"])
+def test_resumed_listing_never_skips_or_repeats_a_surviving_entry(
+    where: str, kernel_tmpfs: Path, mnt: Path
+) -> None:
+    """3,000 entries read by getdents64 a few at a time while, between two
+    calls, new entries come and others go (by unlink and by rename): every
+    entry there all along is listed exactly once, and no name twice.  Kernel
+    tmpfs is held to the same rule, to show the test asks nothing odd."""
+    root = bytes(kernel_tmpfs if where == "tmpfs" else mnt)
+    rng = random.Random(3)
+    names = [b"entry-%05d" % n for n in range(3000)]
+    for name in names:
+        os.close(os.open(os.path.join(root, name), os.O_CREAT | os.O_WRONLY, 0o644))
+    doomed = set(rng.sample(names, 1000))
+    survivors = set(names) - doomed
+    going = sorted(doomed)
+    rng.shuffle(going)
+    seen: list[bytes] = []
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        calls = 0
+        while chunk := getdents(fd, 512):
+            seen += chunk
+            calls += 1
+            for _ in range(3):
+                if going:
+                    victim = going.pop()
+                    if rng.random() < 0.5:
+                        os.unlink(os.path.join(root, victim))
+                    else:
+                        os.rename(os.path.join(root, victim), os.path.join(root, b"renamed-" + victim))
+            os.close(os.open(os.path.join(root, b"new-%05d" % calls), os.O_CREAT | os.O_WRONLY, 0o644))
+    finally:
+        os.close(fd)
+    assert calls > 100  # the listing really was read in many small pieces
+    repeated = sorted({name for name in seen if seen.count(name) > 1})
+    assert not repeated, f"listed more than once: {repeated[:10]}"
+    missing = sorted(survivors - set(seen))
+    assert not missing, f"{len(missing)} surviving entries never listed, e.g. {missing[:10]}"
+    assert seen[:2] == [b".", b".."]

@@ -165,16 +165,23 @@ def test_unlinked_open_file_lives_until_release(fs: Filesystem, arena: Arena) ->
     assert f.ino not in fs.inodes and arena.pages_held == 0
 
 
-def test_readdir_cookies_stable_while_directory_changes(fs: Filesystem) -> None:
+def test_readdir_lists_newest_first_and_resumes_while_directory_changes(fs: Filesystem) -> None:
     for i in range(10):
         fs.create_file(ROOT_INO, b"f%d" % i, 0o644, 0, 0)
     fh = fs.opendir(ROOT_INO)
     first = list(fs.readdir(fh, 0))[:5]
     fs.unlink(ROOT_INO, b"f5")
     fs.create_file(ROOT_INO, b"new", 0o644, 0, 0)
+    fs.rename(ROOT_INO, b"f1", ROOT_INO, b"f1-renamed", 0)  # a new name: listed first, after a rewind
     rest = [name for name, _, _ in fs.readdir(fh, first[-1][2])]
-    assert [name for name, _, _ in first] == [b".", b"..", b"f0", b"f1", b"f2"]
-    assert rest == [b"f3", b"f4", b"f6", b"f7", b"f8", b"f9"]
+    assert [name for name, _, _ in first] == [b".", b"..", b"f9", b"f8", b"f7"]
+    assert rest == [b"f6", b"f4", b"f3", b"f2", b"f0"]
+    offsets = [offset for _, _, offset in fs.readdir(fh, 0)]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+    names = [name for name, _, _ in fs.readdir(fh, 0)]
+    assert names == [b".", b"..", b"f1-renamed", b"new", b"f9", b"f8", b"f7", b"f6", b"f4", b"f3", b"f2", b"f0"]
+    fs.rename(ROOT_INO, b"f0", ROOT_INO, b"f9", RENAME_EXCHANGE)  # both to the front, the new name ahead
+    assert [name for name, _, _ in fs.readdir(fh, 0)][2:5] == [b"f9", b"f0", b"f1-renamed"]
     fs.releasedir(fh)
 
 
