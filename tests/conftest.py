@@ -252,6 +252,9 @@ def _daemon_logs_checked(request: pytest.FixtureRequest) -> Iterator[None]:
     _test_expects = tuple(pattern for marker in markers for pattern in marker.args)
     required = [pattern for marker in markers if marker.kwargs.get("required", True) for pattern in marker.args]
     _test_mounts.clear()
+    for pid, mount in list(_live.items()):  # daemons that ended without stop_mmfs: reap them, forget them
+        if mount.process.poll() is not None:
+            del _live[pid]
     yield
     _test_expects = ()
     started = list(_test_mounts)
