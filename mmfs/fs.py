@@ -12,6 +12,14 @@ kernel leaves to the filesystem (ENOTEMPTY, ENAMETOOLONG, EEXIST, loops...).
 
 Lifetimes: an inode is freed when it has no names (``nlink == 0``), no kernel
 lookup references and no open handles.  Inode numbers are never reused.
+
+Link counts of lower files (overlay mode): a lower file shows the st_nlink it
+has on LOWERDIR's filesystem, adjusted by the links made and names removed in
+the mount, as stat on LOWERDIR (and kernel overlayfs) shows it; names of it in
+directories not listed yet are ``hidden_links``.  When its last name known to
+the mount goes, the names that are not in any lower directory still to be
+listed are outside LOWERDIR: they stop counting, and if none is left inside,
+the file is freed like any other (see ``_settle_hidden_links``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,6 +97,7 @@ class Lower(Protocol):
     root: LowerEntry
 
     def list(self, path: bytes) -> list[LowerEntry]: ...
+    def count_links(self, roots: Iterable[bytes]) -> dict[tuple[int, int], int]: ...
 
 
 @dataclass
@@ -123,7 +132,7 @@ class Inode:
     target: bytes = b""  # symlinks
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     lower: bytes | None = None  # dirs: backing directory not listed yet
-    hidden_links: int = 0  # backing names of this inode not listed yet
+    hidden_links: int = 0  # backing names of this inode not listed yet (or, until settled, outside LOWERDIR)
     counted: bool = True  # counts against nr_inodes (lower inodes do not)
     lower_key: tuple[int, int] | None = None  # (st_dev, st_ino) of a hard-linked lower file
 
@@ -188,6 +197,10 @@ class Filesystem:
         self.handles: dict[int, Handle] = {}
         self.counted_inodes = 0
         self._lower_links: dict[tuple[int, int], Inode] = {}
+        # Names of hard-linked lower files in the lower directories not listed
+        # yet, by (st_dev, st_ino): counted once (None until then), and kept up
+        # to date as those directories are listed.
+        self._unlisted_links: dict[tuple[int, int], int] | None = None
         self._next_ino = ROOT_INO
         self._next_fh = 1
         root = self._new_inode(stat.S_IFDIR | 0o1777, 0, 0)
@@ -236,7 +249,38 @@ class Filesystem:
             directory.lower = None
             for entry in sorted(listing, key=lambda entry: entry.dirent_ino):
                 self._link_entry(directory, entry.name, self._lower_inode(entry, directory))
+                self._listed_link(entry)
         return directory.entries
+
+    def _listed_link(self, entry: LowerEntry) -> None:
+        """A name counted in ``_unlisted_links`` was listed: it counts no more."""
+        key = (entry.st.st_dev, entry.st.st_ino)
+        if self._unlisted_links is not None and key in self._unlisted_links and not stat.S_ISDIR(entry.st.st_mode):
+            self._unlisted_links[key] -= 1
+            if not self._unlisted_links[key]:
+                del self._unlisted_links[key]
+
+    def _settle_hidden_links(self, inode: Inode) -> None:
+        """The last name of a hard-linked lower file known to the mount went while
+        LOWERDIR's filesystem counts more (``hidden_links``).  Those not in a
+        lower directory still to be listed are outside LOWERDIR: they stop
+        counting, so that the file is freed if none is left inside.
+
+        Which names are inside is found by walking every lower directory not
+        listed yet, once per mount (``_unlisted_links``).  If the walk fails,
+        the count stays: the file is kept rather than freed too early."""
+        if self._unlisted_links is None:
+            assert self.lower is not None
+            roots = [directory.lower for directory in self.inodes.values() if directory.lower is not None]
+            try:
+                self._unlisted_links = self.lower.count_links(roots)
+            except OSError as error:
+                log.warning("cannot count the hard links in LOWERDIR's directories not listed yet: %s", error)
+                return
+        assert inode.lower_key is not None
+        inside = min(inode.hidden_links, self._unlisted_links.get(inode.lower_key, 0))
+        inode.nlink -= inode.hidden_links - inside
+        inode.hidden_links = inside
 
     def _lower_inode(self, entry: LowerEntry, parent: Inode) -> Inode:
         st = entry.st
@@ -460,6 +504,8 @@ class Filesystem:
             parent.nlink -= 1
         else:
             child.nlink -= 1
+            if child.hidden_links and child.nlink == child.hidden_links:  # no name left in the mount
+                self._settle_hidden_links(child)
         self._touch(parent)
         self._touch(child, mtime=False)
         self._maybe_free(child)

@@ -21,6 +21,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -127,6 +128,29 @@ class LowerDir:
             return entries
         finally:
             os.close(fd)
+
+    def count_links(self, roots: Iterable[bytes]) -> dict[tuple[int, int], int]:
+        """How many names each hard-linked non-directory (st_nlink > 1) has in
+        the directories at ``roots`` and all beneath them, by (st_dev, st_ino).
+        Walks with openat2 and lstat only: no symlink is ever followed."""
+        counts: dict[tuple[int, int], int] = {}
+        pending = [*roots]
+        while pending:
+            path = pending.pop()
+            fd = self.open(path, os.O_DIRECTORY)
+            try:
+                with os.scandir(fd) as found:
+                    for entry in found:
+                        st = entry.stat(follow_symlinks=False)
+                        name = os.fsencode(entry.name)
+                        if stat.S_ISDIR(st.st_mode):
+                            pending.append(path + b"/" + name if path else name)
+                        elif st.st_nlink > 1:
+                            key = (st.st_dev, st.st_ino)
+                            counts[key] = counts.get(key, 0) + 1
+            finally:
+                os.close(fd)
+        return counts
 
     def close(self) -> None:
         os.close(self.anchor)

@@ -342,3 +342,45 @@ def test_overlay_reads_span_written_and_unwritten_pages(
         assert bytes(fs.read(fh, offset, length)) == expected[offset : offset + length]
     fs.release(fh)
     fs.check_invariants()
+
+
+def test_overlay_names_outside_lowerdir_stop_counting_with_the_last_name_in_the_mount(
+    tmp_path: Path, arena: Arena
+) -> None:
+    """``a`` has a name outside LOWERDIR only; ``b`` also one in a lower directory
+    not listed yet.  Each shows LOWERDIR's st_nlink until its last name in the
+    mount goes; then ``a`` is freed with its pages, ``b`` counts the name left
+    inside, which is still found when its directory is listed."""
+    root, outside = tmp_path / "lower", tmp_path / "outside"
+    (root / "d" / "deep").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a").write_bytes(b"A" * 400_000)  # mapped at its first write
+    os.link(root / "a", outside / "a")
+    (root / "b").write_bytes(b"B" * 10)  # copied at its first write
+    os.link(root / "b", root / "d" / "deep" / "b")
+    os.link(root / "b", outside / "b")
+    fs = overlay_fs(tmp_path, arena)
+    a, b = fs.lookup(ROOT_INO, b"a"), fs.lookup(ROOT_INO, b"b")
+    assert a is not None and b is not None and (a.nlink, b.nlink) == (2, 3)
+    for inode in (a, b):
+        fh = fs.open(inode.ino, 0)
+        fs.write(fh, 0, b"x" * 3 * PAGE)
+        fs.release(fh)
+    assert arena.pages_held == 3 + 3
+    fs.unlink(ROOT_INO, b"a")
+    assert (a.nlink, a.hidden_links, arena.pages_held) == (0, 0, 3)
+    fs.forget(a.ino, a.lookups)
+    assert a.ino not in fs.inodes
+    fs.unlink(ROOT_INO, b"b")
+    assert (b.nlink, b.hidden_links, arena.pages_held) == (1, 1, 3)
+    fs.check_invariants()
+    d = fs.lookup(ROOT_INO, b"d")
+    deep = fs.lookup(d.ino, b"deep")  # type: ignore[union-attr]
+    assert fs.lookup(deep.ino, b"b") is b and (b.nlink, b.hidden_links) == (1, 0)  # type: ignore[union-attr]
+    fh = fs.open(b.ino, 0)
+    assert bytes(fs.read(fh, 0, 4)) == b"xxxx"
+    fs.release(fh)
+    fs.unlink(deep.ino, b"b")  # type: ignore[union-attr]
+    assert b.nlink == 0 and arena.pages_held == 0
+    fs.forget(b.ino, b.lookups)
+    fs.check_invariants()
