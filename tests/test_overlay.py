@@ -56,11 +56,11 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import pytest
 
-from conftest import Mount, stop_mmfs
+from conftest import Mount, stop_mmfs, wait_for
 
 MiB = 1 << 20
 PAGE = mmap.PAGESIZE
@@ -192,16 +192,23 @@ def age(root: Path) -> None:
     """Old, distinct times on every entry, then settle symlink atimes.
 
     readlink(2) updates a symlink's atime under relatime while it is not newer
-    than its ctime: read every link once, after ctime is safely in the past,
-    so that later readlinks (the snapshots') leave it alone.
+    than its ctime: read every link until its atime is newer than its ctime
+    (the clock has to move past the ctime the utime just set), so that later
+    readlinks (the snapshots') leave it alone.
     """
     paths = scan(root)
     for i, rel in enumerate(paths):
         os.utime(join(root, rel), ns=(OLD_NS + i * 10**9 + 7, OLD_NS - i * 10**9 + 3), follow_symlinks=False)
-    time.sleep(0.05)
     for rel in paths:
         if stat.S_ISLNK(os.lstat(join(root, rel)).st_mode):
-            os.readlink(join(root, rel))
+            assert wait_for(lambda path=join(root, rel): settled_by_readlink(path), interval=0.001), rel
+
+
+def settled_by_readlink(path: bytes) -> bool:
+    """readlink the symlink; is its atime now newer than its ctime?"""
+    os.readlink(path)
+    st = os.lstat(path)
+    return st.st_atime_ns > st.st_ctime_ns
 
 
 # --- reading trees without touching atimes -----------------------------------------
@@ -1391,6 +1398,17 @@ def file_times(fd: int) -> tuple[int, int, int]:
     return st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
 
 
+CLOCK_REALTIME_COARSE = 5  # Linux; Python 3.11's time module does not name it
+
+
+def clock_passes(times_ns: Iterable[int]) -> None:
+    """Wait until the coarse clock, which tmpfs stamps times with, is past every
+    one of ``times_ns`` that is not in the future: a time set from now on then
+    differs from each of them.  (A time that changes is what is under test.)"""
+    latest = min(max(times_ns), time.time_ns())
+    assert wait_for(lambda: time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > latest, interval=0.001)
+
+
 def changed_times(root: Path, case: TimeCase) -> set[str]:
     """Which of atime/mtime/ctime (a/m/c) of the target and the watched paths the action changed."""
     if case.setup is not None:
@@ -1399,7 +1417,7 @@ def changed_times(root: Path, case: TimeCase) -> set[str]:
     fds = [os.open(root / name, os.O_PATH | os.O_NOFOLLOW) for name in names]
     try:
         before = [file_times(fd) for fd in fds]
-        time.sleep(0.02)
+        clock_passes(ns for times in before for ns in times)
         case.action(root / case.target)
         after = [file_times(fd) for fd in fds]
     finally:

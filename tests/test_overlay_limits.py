@@ -190,17 +190,23 @@ PATH_ARG = re.compile(r'^"((?:[^"\\]|\\.)*)"')
 
 
 class Strace:
-    """strace attached to a running process, writing its trace to a file."""
+    """strace attached to a running process, writing its trace to a file.
 
-    def __init__(self, pid: int, output: Path) -> None:
+    Tracing has begun once every task has a tracer and a call that ``probe``
+    makes the process do shows in the trace with ``probe_text``."""
+
+    def __init__(self, pid: int, output: Path, probe: Callable[[], object], probe_text: str) -> None:
         self.pid, self.output = pid, output
         command = ["strace", "-f", "-qq", "-s", "4096", "-e", f"trace={TRACED}", "-p", str(pid), "-o", str(output)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        attached = wait_for(self._attached, 10)
-        time.sleep(0.3)
+        attached = wait_for(self._attached, 10) and wait_for(lambda: self._traced(probe, probe_text), 10)
         if not attached or self.process.poll() is not None:
             self.stop()
             raise AssertionError(f"strace did not attach to {pid}")
+
+    def _traced(self, probe: Callable[[], object], probe_text: str) -> bool:
+        probe()
+        return self.output.exists() and probe_text in self.output.read_text(errors="replace")
 
     def _attached(self) -> bool:
         tasks = os.listdir(f"/proc/{self.pid}/task")
@@ -308,7 +314,8 @@ def test_symlinks_outside_lowerdir_are_never_followed_by_the_daemon(tmp_path: Pa
     lower, secret, outside = build_escape_tree(tmp_path, token)
     mount = mmfs_factory("overlay", str(lower), options="size=1g")
     mnt = mount.path
-    tracer = Strace(mount.process.pid, tmp_path / "daemon.trace")
+    # the probe: the daemon opens the backing file of an uncached read (openat2 of "plain")
+    tracer = Strace(mount.process.pid, tmp_path / "daemon.trace", lambda: read_uncached(mnt / "plain"), '"plain"')
     try:
         contents, targets = walk_like_a_client(mnt)
         via_dirlink = [subprocess.run(["cat", str(mnt / top / "dirlink" / "x")], capture_output=True,
@@ -792,6 +799,8 @@ def test_writer_opening_a_mapped_backing_file_keeps_the_written_pages(tmp_path: 
 BUSY_LOOP = """
 import os, sys
 path = sys.argv[1]
+os.close(os.open(path, os.O_RDONLY))
+print("looping", flush=True)
 while True:
     os.close(os.open(path, os.O_RDONLY))
 """
@@ -807,13 +816,15 @@ def test_lease_break_is_answered_while_requests_never_stop(tmp_path: Path, mmfs_
     make_file(lower / "big", bytes(4 << 20))
     mount = mmfs_factory("overlay", str(lower), options="size=64m")
     (mount.path / "busy").write_bytes(b"x")
-    clients = [subprocess.Popen(["python3", "-c", BUSY_LOOP, str(mount.path / "busy")]) for _ in range(4)]
+    clients = [subprocess.Popen(["python3", "-c", BUSY_LOOP, str(mount.path / "busy")], stdout=subprocess.PIPE)
+               for _ in range(4)]
     try:
         with open(mount.path / "big", "r+b") as f:
             f.seek(1 << 20)
             f.write(b"mount bytes")
             f.flush()
-            time.sleep(0.5)  # the clients keep the daemon answering OPEN and RELEASE
+            for client in clients:  # each keeps the daemon answering OPEN and RELEASE from now on
+                assert client.stdout is not None and client.stdout.readline() == b"looping\n"
             assert all(client.poll() is None for client in clients)
             began = time.monotonic()
             os.close(os.open(lower / "big", os.O_WRONLY))  # waits for the lease break
@@ -821,7 +832,7 @@ def test_lease_break_is_answered_while_requests_never_stop(tmp_path: Path, mmfs_
     finally:
         for client in clients:
             client.kill()
-            client.wait()
+            client.communicate()  # reaped, its pipe closed
     with open("/proc/sys/fs/lease-break-time") as setting:
         assert waited < int(setting.read()) / 4, f"the lease break waited {waited:.1f} s"
     assert read_uncached(mount.path / "big")[1 << 20 : (1 << 20) + 11] == b"mount bytes"
