@@ -255,7 +255,7 @@ class Filesystem:
     def _listed_link(self, entry: LowerEntry) -> None:
         """A name counted in ``_unlisted_links`` was listed: it counts no more."""
         key = (entry.st.st_dev, entry.st.st_ino)
-        if self._unlisted_links is not None and key in self._unlisted_links and not stat.S_ISDIR(entry.st.st_mode):
+        if self._unlisted_links is not None and key in self._unlisted_links:
             self._unlisted_links[key] -= 1
             if not self._unlisted_links[key]:
                 del self._unlisted_links[key]

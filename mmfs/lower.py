@@ -22,7 +22,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -122,10 +122,7 @@ class LowerDir:
         try:
             with os.scandir(fd) as found:
                 names = [(os.fsencode(entry.name), entry.inode()) for entry in found]
-            entries = [self.entry(path, name, fd) for name, _ in names]
-            for entry, (_, ino) in zip(entries, names, strict=True):
-                entry.dirent_ino = ino
-            return entries
+            return [replace(self.entry(path, name, fd), dirent_ino=ino) for name, ino in names]
         finally:
             os.close(fd)
 
