@@ -41,12 +41,12 @@ import stat
 import struct
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import pytest
-
 from conftest import wait_for
 
 PAGE = mmap.PAGESIZE

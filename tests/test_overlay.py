@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import mmap
 import os
@@ -54,12 +55,12 @@ import stat
 import struct
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import pytest
-
 from conftest import Mount, stop_mmfs, wait_for
 
 MiB = 1 << 20
@@ -104,7 +105,7 @@ def attempt(action: Callable[[], Any]) -> Result:
 
 
 # --- building LOWERDIR -------------------------------------------------------------
-def put(path: Path, data: bytes, mode: int = 0o644, owner: Optional[tuple[int, int]] = None) -> None:
+def put(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
     """A regular file; the owner is set before the mode (chown clears setuid)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -201,7 +202,7 @@ def age(root: Path) -> None:
         os.utime(join(root, rel), ns=(OLD_NS + i * 10**9 + 7, OLD_NS - i * 10**9 + 3), follow_symlinks=False)
     for rel in paths:
         if stat.S_ISLNK(os.lstat(join(root, rel)).st_mode):
-            assert wait_for(lambda path=join(root, rel): settled_by_readlink(path), interval=0.001), rel
+            assert wait_for(functools.partial(settled_by_readlink, join(root, rel)), interval=0.001), rel
 
 
 def settled_by_readlink(path: bytes) -> bool:
@@ -244,12 +245,12 @@ def xattrs(path: bytes) -> dict[str, str]:
     """Name -> value digest (or errno: an empty security.capability reads as EINVAL)."""
     out = {}
     for name in sorted(os.listxattr(path, follow_symlinks=False)):
-        result = attempt(lambda: digest(os.getxattr(path, name, follow_symlinks=False)))
+        result = attempt(lambda name=name: digest(os.getxattr(path, name, follow_symlinks=False)))
         out[name] = result[1]
     return out
 
 
-def snapshot(root: Path, paths: Optional[list[bytes]] = None) -> Tree:
+def snapshot(root: Path, paths: list[bytes] | None = None) -> Tree:
     """Everything about every entry but its contents; the lstat pass comes first.
 
     Given ``paths``, no directory is listed at all (only looked up).
@@ -342,7 +343,7 @@ class Baseline:
         assert not problems, "LOWERDIR was modified:\n" + "\n".join(problems[:40])
 
 
-def freeze(lower: Path, oracle: Optional[Path] = None) -> Baseline:
+def freeze(lower: Path, oracle: Path | None = None) -> Baseline:
     """Copy LOWERDIR to the oracle with cp -a, age both alike, record LOWERDIR."""
     if oracle is not None:
         subprocess.run(["cp", "-a", f"{lower}/.", f"{oracle}/"], check=True)
@@ -793,7 +794,7 @@ def no_args(rng: random.Random) -> tuple[Any, ...]:
     return ()
 
 
-def path_op(name: str, follow: Optional[bool], extra: ArgMaker = no_args, choose: Chooser = gen_path) -> Generator:
+def path_op(name: str, follow: bool | None, extra: ArgMaker = no_args, choose: Chooser = gen_path) -> Generator:
     """An operation on one path; ``follow`` None: drawn, and passed as the last argument."""
 
     def generate(rng: random.Random, pool: Pool) -> Op:
@@ -1168,7 +1169,8 @@ def acl_scenario(root: Path) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for name in ("docs/readme.txt", "setgid", "setgid/member.txt"):
         for kind in ("access", "default"):
-            seen[f"{name} {kind}"] = attempt(lambda: digest(os.getxattr(root / name, f"system.posix_acl_{kind}")))
+            acl = (root / name, f"system.posix_acl_{kind}")
+            seen[f"{name} {kind}"] = attempt(lambda acl=acl: digest(os.getxattr(*acl)))
     (root / "setgid/new.txt").write_bytes(b"inherits the default ACL")
     os.mkdir(root / "setgid/newdir")
     os.chmod(root / "docs/readme.txt", 0o600)
@@ -1366,7 +1368,7 @@ class TimeCase:
     target: str
     action: Callable[[Path], Any]
     watched: tuple[str, ...] = ()
-    setup: Optional[Callable[[Path], Any]] = None
+    setup: Callable[[Path], Any] | None = None
 
 
 TIME_CASES: dict[str, TimeCase] = {  # in order, on one mount: each case has entries of its own
@@ -1423,7 +1425,12 @@ def changed_times(root: Path, case: TimeCase) -> set[str]:
     finally:
         for fd in fds:
             os.close(fd)
-    return {f"{name}.{kind}" for name, b, a in zip(names, before, after) for kind, x, y in zip("amc", b, a) if x != y}
+    return {
+        f"{name}.{kind}"
+        for name, b, a in zip(names, before, after, strict=True)
+        for kind, x, y in zip("amc", b, a, strict=True)
+        if x != y
+    }
 
 
 def compare_time_cases(lower: Path, kernel_tmpfs: Path, mmfs_factory: Factory, cases: dict[str, TimeCase]) -> None:

@@ -25,20 +25,20 @@ underneath the overlay (test 1's "became a symlink", test 4's truncation).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
+import random
 import re
 import stat
-import random
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
-
-from conftest import Mount, ROOT, is_mounted, mmfs_command, read_uncached, start_mmfs, stop_mmfs, wait_for
+from conftest import ROOT, Mount, is_mounted, mmfs_command, read_uncached, start_mmfs, stop_mmfs, wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 KiB = 1 << 10
@@ -80,7 +80,7 @@ def read_at(path: Path, offset: int, length: int) -> bytes:
         return file.read(length)
 
 
-def errno_of(action: Callable[[], object]) -> Optional[int]:
+def errno_of(action: Callable[[], object]) -> int | None:
     """The errno ``action`` failed with, or None if it succeeded."""
     try:
         action()
@@ -226,7 +226,7 @@ class Strace:
         return self.output.read_text(errors="replace").splitlines()
 
 
-def parse_trace(lines: list[str]) -> list[tuple[str, Optional[str], str, str]]:
+def parse_trace(lines: list[str]) -> list[tuple[str, str | None, str, str]]:
     """(syscall, dirfd or None, path, whole line) for every traced call that names a path."""
     calls = []
     for line in lines:
@@ -244,7 +244,7 @@ def parse_trace(lines: list[str]) -> list[tuple[str, Optional[str], str, str]]:
     return calls
 
 
-def check_trace(lines: list[str], secret_token: str) -> list[tuple[str, Optional[str], str, str]]:
+def check_trace(lines: list[str], secret_token: str) -> list[tuple[str, str | None, str, str]]:
     """Every path the daemon named was dir-fd relative, ``..``-free, no-follow, not the secret."""
     calls = parse_trace(lines)
     for name, dirfd, path, line in calls:
@@ -507,9 +507,10 @@ def test_backing_file_truncated_underneath_answers_eio(tmp_path: Path, mmfs_fact
         for offset in (0, MiB, 3 * MiB, 4 * MiB - PAGE):  # pages never written
             for fd in (mapped, unmapped):
                 drop_cache(fd)
-                assert errno_of(lambda: os.pread(fd, PAGE, offset)) == errno.EIO, offset
+                assert errno_of(functools.partial(os.pread, fd, PAGE, offset)) == errno.EIO, offset
             for name in ("mapped", "unmapped"):
-                assert errno_of(lambda: pread_uncached(mnt / name, PAGE, offset)) == errno.EIO, (name, offset)
+                page = functools.partial(pread_uncached, mnt / name, PAGE, offset)
+                assert errno_of(page) == errno.EIO, (name, offset)
             assert_alive(mount)
         assert errno_of(lambda: pread_uncached(mnt / "small_unmodified", 16, 0)) == errno.EIO
         assert errno_of(lambda: os.pwrite(mapped, b"again", 3 * MiB)) in (None, errno.EIO)
@@ -548,7 +549,7 @@ def test_backing_file_truncated_during_reads_never_kills_the_daemon(tmp_path: Pa
 
     flipper = threading.Thread(target=flip)
     rng = random.Random(4)
-    answers: list[Optional[int]] = []
+    answers: list[int | None] = []
     try:
         assert os.pwrite(fd, b"x", 100) == 1  # mapped MAP_PRIVATE now
         flipper.start()
@@ -561,8 +562,9 @@ def test_backing_file_truncated_during_reads_never_kills_the_daemon(tmp_path: Pa
         if flipper.is_alive():
             flipper.join()
         errno_of(lambda: os.close(fd))
-    assert mount.process.poll() is None, (f"the daemon died ({mount.process.returncode}) after {len(answers)} "
-                                          f"racing reads: {[line for line in mount.log_text().splitlines() if 'Fatal' in line]}")
+    fatal = [line for line in mount.log_text().splitlines() if "Fatal" in line]
+    died = f"the daemon died ({mount.process.returncode}) after {len(answers)} racing reads: {fatal}"
+    assert mount.process.poll() is None, died
     assert set(answers) <= {None, errno.EIO}, set(answers)
     assert (mnt / "healthy").read_bytes() == b"healthy\n"
     stop_mmfs(mount)
