@@ -105,6 +105,8 @@ class FsConfig:
     """Mount-wide settings that the model enforces."""
 
     max_inodes: int = 0  # 0 = unlimited
+    atime: str = "relatime"  # when reads update atime: "relatime", "strictatime" or "noatime"
+    diratime: bool = True  # False (nodiratime): listing a directory never updates its atime
     root_mode: int | None = None  # None: 1777, or the lower root's
     root_uid: int | None = None
     root_gid: int | None = None
@@ -642,9 +644,14 @@ class Filesystem:
         return data
 
     def _access(self, inode: Inode) -> None:
-        """relatime, as tmpfs mounts by default."""
+        """A read of ``inode``: update its atime as the mount's atime rule says
+        (the kernel's ``atime_needs_update``; relatime is tmpfs's default)."""
+        rule = self.config.atime
+        if rule == "noatime" or inode.is_dir and not self.config.diratime:
+            return
         now = self.clock()
-        if inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns) or now - inode.atime_ns >= DAY_NS:
+        stale = inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns) or now - inode.atime_ns >= DAY_NS
+        if rule == "strictatime" or stale:
             inode.atime_ns = now
 
     def write(self, fh: int, offset: int, data: Buffer) -> int:

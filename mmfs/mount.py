@@ -28,7 +28,7 @@ from .content import AnonContent, CowContent, MapBudget
 from .fs import Filesystem, FsConfig
 from .fuse_ops import Operations
 from .lower import LowerDir, LowerEntry
-from .options import MountConfig, UsageError, shown
+from .options import MountConfig, UsageError, atime_rule, shown
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ def fuse_options(config: MountConfig) -> set[str]:
     options = set(config.fuse_options) | {"default_permissions", "subtype=mmfs", f"fsname={config.source}"}
     if config.debug:
         options.add("debug")
+    if atime_rule(config)[0] == "noatime":  # the model applies the atime rules; libfuse knows only this one
+        options.add("noatime")
     if os.geteuid() == 0:  # like a kernel tmpfs mount, unless told otherwise
         options |= {"suid"} if "nosuid" not in options else set()
         options |= {"dev"} if "nodev" not in options else set()
@@ -94,7 +96,11 @@ def build(config: MountConfig) -> Operations:
         page_limit = reserve // PAGE  # ulimit -v: df shows what fits
         log.warning("address space limit (ulimit -v): size= is %d MiB", reserve >> 20)
     arena = Arena(reserve, page_limit)
-    settings = FsConfig(max_inodes=config.nr_inodes, root_mode=config.mode, root_uid=config.uid, root_gid=config.gid)
+    rule, diratime = atime_rule(config)
+    settings = FsConfig(
+        max_inodes=config.nr_inodes, atime=rule, diratime=diratime,
+        root_mode=config.mode, root_uid=config.uid, root_gid=config.gid,
+    )
     if config.lowerdir is None:
         return Operations(Filesystem(lambda: AnonContent(arena), settings), arena)
     lower = open_lower(config.lowerdir)

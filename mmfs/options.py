@@ -18,10 +18,16 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # Generic mount flags that mount(8) and fstab may hand to a helper; libfuse
 # applies them to the mount itself.
-MOUNT_FLAGS = frozenset(
-    "rw ro suid nosuid dev nodev exec noexec async sync dirsync atime noatime diratime "
-    "nodiratime relatime norelatime strictatime nostrictatime lazytime nolazytime".split()
-)
+MOUNT_FLAGS = frozenset("rw ro suid nosuid dev nodev exec noexec async sync dirsync".split())
+# The atime flags, as mount(8) turns them into MS_* flags: each sets (True) or
+# clears (False) one; ``atime_rule`` then decides as the kernel's do_mount does.
+ATIME_FLAGS = {
+    "noatime": ("noatime", True), "atime": ("noatime", False),
+    "nodiratime": ("nodiratime", True), "diratime": ("nodiratime", False),
+    "strictatime": ("strictatime", True), "nostrictatime": ("strictatime", False),
+    "relatime": ("relatime", True), "norelatime": ("relatime", False),  # relatime is the default anyway
+    "lazytime": ("lazytime", True), "nolazytime": ("lazytime", False),  # when inodes are written back: no effect here
+}
 # Options that mount(8) uses itself and may still pass along: accepted, no effect.
 IGNORED = frozenset(["auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "defaults"])
 # Options for other programs that fstab lines carry (x-systemd.*, x-gvfs-show,
@@ -56,6 +62,7 @@ class MountConfig:
     foreground: bool = False
     debug: bool = False
     busy_poll: bool = True
+    atime_flags: dict[str, bool] = field(default_factory=dict)  # noatime, nodiratime, strictatime... as set
     log: str | None = None  # the daemon's log file in the background; "-" = syslog
     fuse_options: set[str] = field(default_factory=set)
 
@@ -102,6 +109,9 @@ def apply_option(config: MountConfig, option: str) -> None:
     if not has_value:
         if name in MOUNT_FLAGS or name == "allow_other":
             config.fuse_options.add(name)
+        elif name in ATIME_FLAGS:
+            flag, setting = ATIME_FLAGS[name]
+            config.atime_flags[flag] = setting
         elif name == "debug":
             config.debug = True
         elif name not in IGNORED and name != "default_permissions":
@@ -137,6 +147,19 @@ def apply_option(config: MountConfig, option: str) -> None:
         config.source = value
     else:
         raise UsageError(f"unknown option: {option!r}")
+
+
+def atime_rule(config: MountConfig) -> tuple[str, bool]:
+    """("relatime" | "strictatime" | "noatime", diratime) from the atime flags:
+    relatime unless noatime, and strictatime overrides noatime (fs/namespace.c)."""
+    flags = config.atime_flags
+    if flags.get("strictatime"):
+        rule = "strictatime"
+    elif flags.get("noatime"):
+        rule = "noatime"
+    else:
+        rule = "relatime"
+    return rule, not flags.get("nodiratime", False)
 
 
 def default_config(mountpoint: str) -> MountConfig:
