@@ -71,9 +71,10 @@ OPTIONS = [
 ]
 
 ACCEPTED = (
-    "Mount flags (noexec, nosuid, nodev, noatime, ...) and what mount(8) and systemd pass along "
-    "(defaults, auto, noauto, nofail, _netdev, user, x-*, comment=...) are accepted. Any other "
-    "option is a one-line error before anything is mounted."
+    "Mount flags (noexec, nosuid, nodev, ...) and what mount(8) and systemd pass along "
+    "(defaults, auto, noauto, nofail, _netdev, user, x-*, comment=...) are accepted. The atime "
+    "flags (relatime, strictatime, noatime, nodiratime, lazytime and their negations) have tmpfs's "
+    "meaning. Any other option is a one-line error before anything is mounted."
 )
 
 FLAGS = [
