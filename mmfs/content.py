@@ -39,7 +39,7 @@ def page_mask(inner: int, length: int) -> int:
 class AnonContent:
     """A file's bytes in anonymous shared memory, page-granular and sparse."""
 
-    __slots__ = ("_held", "_slots", "account", "arena", "pages", "size")
+    __slots__ = ("_held", "_slots", "_unsynced", "account", "arena", "pages", "size")
 
     def __init__(self, arena: Arena, account: Account | None = None) -> None:
         self.arena = arena
@@ -48,6 +48,7 @@ class AnonContent:
         self.pages = 0  # pages held, for st_blocks
         self._slots: dict[int, int] = {}  # file slot index -> arena slot
         self._held: dict[int, int] = {}  # file slot index -> mask of pages written
+        self._unsynced: set[int] | None = None  # file slot indices written since the last sync
 
     # --- reading ----------------------------------------------------------
     def read(self, offset: int, length: int) -> Buffer:
@@ -122,6 +123,9 @@ class AnonContent:
             raise
         self.pages += fresh.bit_count()
         self._held[index] |= mask
+        if self._unsynced is None:
+            self._unsynced = set()
+        self._unsynced.add(index)
 
     def _forget_pages(self, index: int, pages: int) -> None:
         """Punch the pages of slot ``index`` in the mask ``pages`` (a failed store
@@ -198,9 +202,13 @@ class AnonContent:
         self.account.settle()
 
     def sync(self) -> None:
-        """msync(MS_SYNC) every slot that holds this file's pages."""
-        for slot in self._slots.values():
-            self.arena.sync(slot)
+        """msync(MS_SYNC) the slots written since the last sync: fsync costs what
+        was written since, not the size of the file."""
+        for index in sorted(self._unsynced or ()):
+            slot = self._slots.get(index)
+            if slot is not None:  # not truncated away since
+                self.arena.sync(slot)
+        self._unsynced = None
 
 
 def page_runs(mask: int, offset: int, end: int) -> list[tuple[int, int, bool]]:
@@ -338,6 +346,7 @@ class CowContent:
         self.tail.size = size
         self.map: mmap.mmap | None = None
         self.dirty = 0  # bitmask of map pages written (charged to the arena)
+        self.unsynced = 0  # bitmask of map pages written since the last sync
         self.copying = False  # copy-on-write into the arena instead of a map
         self.copied = 0  # bitmask of backing pages copied into the tail
         self.lost = False  # written pages lost in a lease break: every access is EIO
@@ -452,6 +461,7 @@ class CowContent:
         if fresh:  # a fault would read read_ahead_kb around the page (MiBs): ask for these pages only
             os.posix_fadvise(self._backing_fd(), first * PAGE, (last - first + 1) * PAGE, os.POSIX_FADV_WILLNEED)
         self.dirty |= fresh
+        self.unsynced |= ((1 << (last - first + 1)) - 1) << first
         self.map[offset : offset + len(data)] = data
         return len(data)
 
@@ -518,7 +528,7 @@ class CowContent:
             if mapping is not None:
                 self.maps.mapped.discard(self)
                 self.account.give(self.dirty.bit_count())
-                self.dirty = 0
+                self.dirty = self.unsynced = 0
                 mapping.close()
         finally:
             self._close_backing()  # closing the last descriptor gives the lease up
@@ -545,6 +555,10 @@ class CowContent:
         self.account.settle()
 
     def sync(self) -> None:
-        if self.map is not None:
-            self.map.flush()
+        """msync(MS_SYNC) the map's pages written since the last sync, and the tail's."""
+        if self.map is not None and self.unsynced:
+            for start, stop, written in page_runs(self.unsynced, 0, len(self.map)):
+                if written:
+                    self.map.flush(start, stop - start)
+        self.unsynced = 0
         self.tail.sync()

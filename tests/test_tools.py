@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import pytest
+
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20
 HOLEY_SIZE = 5 * MiB
@@ -752,3 +754,62 @@ def test_fsync_and_fdatasync_msync_the_arena(mmfs_factory: Callable[..., Any], t
     assert all("MS_SYNC" in line for line in msync_calls(trace)), text
     assert "= -1" not in text, text
     assert (mount.path / "synced").read_bytes() == b"x" * 100_000 + b"y"
+
+
+def traced_msyncs(pid: int, trace: Path, action: Callable[[], None], expect_calls: int) -> list[tuple[int, int]]:
+    """(address, length) of each msync the daemon ``pid`` makes during ``action``,
+    which must make at least ``expect_calls`` of them (strace writes each line
+    before the daemon goes on, so they are all in the trace once counted)."""
+    tracer = subprocess.Popen(["strace", "-f", "-e", "trace=msync", "-p", str(pid), "-o", str(trace)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: tracer.poll() is not None or traced_by(pid, tracer.pid), "strace to attach to every thread")
+        assert tracer.poll() is None, f"strace exited {tracer.returncode}"
+        action()
+        wait_for(lambda: len(msync_calls(trace)) >= expect_calls, f"{expect_calls} msyncs")
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+    calls = []
+    for line in msync_calls(trace):
+        address, length = line.split("msync(")[1].split(",")[:2]
+        calls.append((int(address, 16), int(length)))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["tmpfs", "overlay"])
+def test_fsync_msyncs_only_what_was_written_since_the_last_sync(
+    mmfs_factory: Callable[..., Any], tmp_path: Path, mode: str
+) -> None:
+    """fsync costs O(pages written since the last fsync), not O(file size)."""
+    size, block = 64 << 20, 8192
+    if mode == "overlay":
+        lower = tmp_path / "lower"
+        lower.mkdir()
+        with open(lower / "big", "wb") as out:
+            out.truncate(size)
+        mount = mmfs_factory("overlay", str(lower))
+    else:
+        mount = mmfs_factory()
+        with open(mount.path / "big", "wb") as out:
+            for _ in range(size >> 20):
+                out.write(b"x" * (1 << 20))
+    fd = os.open(mount.path / "big", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"a" * block, 1 << 20)
+        os.fsync(fd)  # everything written so far is synced: from now on, only new writes count
+
+        def write_two_blocks_and_sync() -> None:
+            os.pwrite(fd, b"b" * block, 32 << 20)
+            os.pwrite(fd, b"c" * block, 48 << 20)
+            os.fdatasync(fd)
+
+        calls = traced_msyncs(mount.process.pid, tmp_path / "msync.trace", write_two_blocks_and_sync, 2)
+    finally:
+        os.close(fd)
+    slot = 64 * 1024
+    expected_length = slot if mode == "tmpfs" else block  # an arena slot, or the map's written pages
+    assert sorted(length for _, length in calls) == [expected_length, expected_length], calls
+    if mode == "overlay":  # one map: the two runs are where the blocks were written
+        assert sorted(address for address, _ in calls)[1] - min(address for address, _ in calls) == 16 << 20
+
