@@ -18,6 +18,8 @@ import errno
 import functools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 # attributes for as long as it likes: every change goes through a request that
 # the kernel itself uses to invalidate what it cached.
 CACHE_TIMEOUT = 86400.0
+
+# How long the page dropper's last notification may take at unmount.
+DROPPER_JOIN_TIMEOUT = 1.0
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -69,6 +74,12 @@ class Operations(pyfuse3.Operations):
         self.arena = arena
         self.maps = maps  # overlay mode: lower files mapped privately
         self.initialized = trio.Event()  # set when the kernel's INIT arrives
+        # Asynchronous O_DIRECT writes (io_submit, io_uring) and the page cache:
+        # see ``write``.  Inodes with O_DIRECT handles open -> how many; of those,
+        # the ones whose pages a READ may have filled since their pages were last dropped.
+        self.direct_opens: dict[int, int] = {}
+        self.read_since_drop: set[int] = set()
+        self.stale_pages: queue.SimpleQueue[int | None] = queue.SimpleQueue()
 
     def init(self) -> None:
         """The kernel's INIT arrived (its reply is sent when this returns)."""
@@ -175,7 +186,7 @@ class Operations(pyfuse3.Operations):
     def rename(
         self, old_parent: int, old: bytes, new_parent: int, new: bytes, flags: int, ctx: pyfuse3.RequestContext
     ) -> None:
-        self.fs.rename(old_parent, old, new_parent, new, flags)
+        self.fs.rename(old_parent, old, new_parent, new, flags, ctx.uid, ctx.gid)
 
     # --- files ----------------------------------------------------------
     @handler
@@ -184,21 +195,49 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         inode = self.fs.create_file(parent, name, mode, ctx.uid, ctx.gid, ctx.umask)
         fh = self.fs.open(inode.ino, flags)
+        self.opened(inode.ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(inode)
 
     @handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_TRUNC:  # the kernel sends O_TRUNC here (atomic_o_trunc)
             self.fs.setattr(ino, Attrs(size=0, mtime_ns=self.fs.clock()))
-        return pyfuse3.FileInfo(fh=self.fs.open(ino, flags), keep_cache=True)
+        fh = self.fs.open(ino, flags)
+        self.opened(ino, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def opened(self, ino: int, flags: int) -> None:
+        if flags & os.O_DIRECT:
+            self.direct_opens[ino] = self.direct_opens.get(ino, 0) + 1
 
     @handler
     def read(self, fh: int, offset: int, size: int) -> Any:
-        return self.fs.read(fh, offset, size)
+        data = self.fs.read(fh, offset, size)
+        ino = self.fs.handle(fh).ino
+        if ino in self.direct_opens:  # these bytes may go into the page cache
+            self.read_since_drop.add(ino)
+        return data
 
     @handler
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        return self.fs.write(fh, offset, data)
+        """Asynchronous O_DIRECT writes leave stale pages behind unless we drop them.
+
+        The kernel empties the written range of the page cache before it sends
+        an O_DIRECT WRITE, and after it when the write is synchronous; but an
+        asynchronous one (io_submit, io_uring) completes when we reply, and
+        nothing empties the range then.  A buffered READ of that range that we
+        answered in between (old bytes) leaves its pages in the cache, and with
+        ``keep_cache`` every later read is served the old bytes.  So after such
+        a write we drop the file's cached pages whenever we answered a READ of
+        it since we last did (nobody else's cached pages can be stale).  The
+        notification runs on the page dropper thread: on this thread it could
+        deadlock, waiting for pages locked by a READ that only we can answer."""
+        written = self.fs.write(fh, offset, data)
+        handle = self.fs.handle(fh)
+        if handle.flags & os.O_DIRECT and handle.ino in self.read_since_drop:
+            self.read_since_drop.discard(handle.ino)
+            self.stale_pages.put(handle.ino)
+        return written
 
     async def flush(self, fh: int) -> None:
         """Nothing to do at close(): ENOSYS tells the kernel to stop sending FLUSH,
@@ -207,7 +246,33 @@ class Operations(pyfuse3.Operations):
 
     @handler
     def release(self, fh: int) -> None:
+        handle = self.fs.handle(fh)
+        if handle.flags & os.O_DIRECT:
+            left = self.direct_opens.pop(handle.ino) - 1
+            if left:
+                self.direct_opens[handle.ino] = left
+            else:
+                self.read_since_drop.discard(handle.ino)
         self.fs.release(fh)
+
+    async def drop_stale_pages(self) -> None:
+        """Run the page dropper thread (see ``write``) until cancelled."""
+        thread = threading.Thread(target=self._page_dropper, name="mmfs page dropper", daemon=True)
+        thread.start()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stale_pages.put(None)
+            thread.join(DROPPER_JOIN_TIMEOUT)
+
+    def _page_dropper(self) -> None:
+        while (ino := self.stale_pages.get()) is not None:
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=False)
+            except OSError as error:  # ENOENT: the kernel has forgotten the inode, and its pages
+                log.debug("dropping the cached pages of inode %d: %s", ino, error)
+            except Exception:
+                log.exception("internal error dropping the cached pages of inode %d; the mount keeps serving", ino)
 
     @handler
     def fsync(self, fh: int, datasync: bool) -> None:

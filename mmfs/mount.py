@@ -197,6 +197,7 @@ async def _serve_until_stopped(operations: Operations, mountpoint: str, poll: bo
         if operations.maps is not None:
             await nursery.start(_retire_maps_on_lease_break, operations.maps)
         nursery.start_soon(_widen_readahead_after_init, operations, mountpoint)
+        nursery.start_soon(operations.drop_stale_pages)
         if poll:
             busy_poll.install()
         await pyfuse3.main(max_tasks=1)  # no handler awaits: one task serves all
