@@ -45,6 +45,7 @@ ROOT_INO = 1
 NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 SHORT_SYMLINK = 128  # tmpfs keeps shorter targets in the inode, longer ones in a page
 END_OFFSET = 1 << 62  # readdir offsets: an entry with cookie c is at END_OFFSET - c
@@ -376,11 +377,32 @@ class Filesystem:
         return self.inodes[found[0]] if found else None
 
     def lookup(self, parent_ino: int, name: bytes) -> Inode | None:
-        """The named child, with a kernel reference taken; None if absent."""
+        """The named child, with a kernel reference taken; None if absent.
+
+        The kernel sends "." and ".." only to decode file handles (export
+        support, see fuse_get_dentry and fuse_get_parent): "." with any inode's
+        number as the parent finds that inode, ".." a directory's parent.  An
+        inode tmpfs would have evicted (freed, or without a name and not open)
+        is ESTALE; the kernel makes ENOENT ESTALE as well."""
+        if name == b".":
+            return self.remember(self._exported(parent_ino))
+        if name == b"..":
+            directory = self._exported(parent_ino)
+            if not directory.is_dir:
+                raise FsError(errno.ENOTDIR)
+            return self.remember(self._exported(directory.parent))
         self._check_name(name)
         parent = self._dir(parent_ino)
         child = self._child(parent, name)
         return self.remember(child) if child is not None else None
+
+    def _exported(self, ino: int) -> Inode:
+        """The inode a file handle names, while tmpfs would keep it: it has a
+        name or is open (inode numbers are never reused: generation 0)."""
+        inode = self.inodes.get(ino)
+        if inode is None or not (inode.nlink or inode.opens):
+            raise FsError(errno.ESTALE)
+        return inode
 
     def _link_entry(self, parent: Inode, name: bytes, inode: Inode) -> None:
         """Link ``name`` with a new cookie: it lists first (see ``readdir``)."""
@@ -520,8 +542,14 @@ class Filesystem:
                 return False
             inode = self.inodes[inode.parent]
 
-    def rename(self, old_parent_ino: int, old: bytes, new_parent_ino: int, new: bytes, flags: int) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+    def rename(
+        self, old_parent_ino: int, old: bytes, new_parent_ino: int, new: bytes, flags: int, uid: int = 0, gid: int = 0
+    ) -> None:
+        """rename(2) and renameat2's flags.  RENAME_WHITEOUT leaves a whiteout
+        (see ``_whiteout``; ``uid``/``gid`` are the caller's) under the old name."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+            flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)
+        ):
             raise FsError(errno.EINVAL)
         src_dir, dst_dir = self._dir(old_parent_ino), self._dir(new_parent_ino)
         if old in (b".", b"..") or new in (b".", b".."):
@@ -546,13 +574,37 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
             if target.is_dir and self.entries(target):
                 raise FsError(errno.ENOTEMPTY)
+        # tmpfs makes the whiteout first: at nr_inodes= the rename fails with
+        # ENOSPC and changes nothing, even where the target would free an inode.
+        whiteout = self._whiteout(src_dir, uid, gid) if flags & RENAME_WHITEOUT else None
+        if target is not None:
             self._drop_entry(dst_dir, new, target)
         assert src_dir.entries is not None
         del src_dir.entries[old]
+        if whiteout is not None:  # listed after the moved name, as on tmpfs
+            self._link_entry(src_dir, old, whiteout)
         self._link_entry(dst_dir, new, moved)
         self._reparent(moved, src_dir, dst_dir)
         self._touch(src_dir, dst_dir)
         self._touch(moved, mtime=False)
+        if whiteout is not None:  # one tick on tmpfs: the whiteout's times are its directory's
+            whiteout.atime_ns = whiteout.mtime_ns = whiteout.ctime_ns = src_dir.ctime_ns
+
+    def _whiteout(self, directory: Inode, uid: int, gid: int) -> Inode:
+        """A whiteout for RENAME_WHITEOUT, not linked yet: a character device 0/0
+        with mode 0, made like tmpfs's mknod makes it (the caller's fsuid and
+        fsgid, the group of a setgid directory, the directory's default ACL)."""
+        mode = stat.S_IFCHR
+        if directory.mode & stat.S_ISGID:
+            gid = directory.gid
+        default_acl = directory.xattrs.get(acl.DEFAULT)
+        access_acl = None
+        if default_acl is not None:
+            mode, access_acl = acl.inherit(default_acl, mode)
+        inode = self._new_inode(mode, uid, gid)
+        if access_acl is not None:
+            inode.xattrs[acl.ACCESS] = access_acl
+        return inode
 
     def _reparent(self, moved: Inode, src_dir: Inode, dst_dir: Inode) -> None:
         if moved.is_dir and src_dir is not dst_dir:

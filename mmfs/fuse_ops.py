@@ -67,6 +67,9 @@ class Operations(pyfuse3.Operations):
 
     enable_writeback_cache = False  # write-through keeps ENOSPC on write(2)
     enable_acl = True  # the kernel checks POSIX ACLs; the model stores and inherits them
+    # FUSE_EXPORT_SUPPORT: file handles (name_to_handle_at, NFS) outlive the
+    # kernel's cache; it finds inodes again with lookups of "." and "..".
+    supports_dot_lookup = True
 
     def __init__(self, fs: Filesystem, arena: Arena, maps: MapBudget | None = None) -> None:
         super().__init__()

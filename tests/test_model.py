@@ -14,7 +14,16 @@ import pytest
 
 from mmfs.arena import PAGE, SLOT, Arena
 from mmfs.content import AnonContent
-from mmfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Attrs, Filesystem, FsConfig, FsError
+from mmfs.fs import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    ROOT_INO,
+    Attrs,
+    Filesystem,
+    FsConfig,
+    FsError,
+)
 
 MiB = 1 << 20
 
@@ -151,6 +160,74 @@ def test_rename_rules(fs: Filesystem) -> None:
     empty = fs.mkdir(ROOT_INO, b"e", 0o755, 0, 0)
     fs.rename(ROOT_INO, b"f", ROOT_INO, b"e", 0)  # over an empty directory
     assert empty.nlink == 0 and fs.get(ROOT_INO).nlink == 4
+
+
+def test_rename_whiteout_leaves_a_character_device_0_0(fs: Filesystem) -> None:
+    """As on tmpfs: the whiteout is made first (listed after the moved name), with
+    mode 0, the caller's owner, a setgid directory's group, its directory's times."""
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    fs.setattr(d.ino, Attrs(mode=0o2777, gid=42))
+    moved = fs.create_file(d.ino, b"a", 0o644, 0, 0)
+    size = d.size
+    fs.rename(d.ino, b"a", d.ino, b"b", RENAME_WHITEOUT, 1000, 7)
+    whiteout = fs.lookup(d.ino, b"a")
+    assert whiteout is not None and fs.lookup(d.ino, b"b") is moved
+    assert (whiteout.mode, whiteout.rdev, whiteout.nlink, whiteout.uid, whiteout.gid) == (stat.S_IFCHR, 0, 1, 1000, 42)
+    assert whiteout.mtime_ns == whiteout.ctime_ns == whiteout.atime_ns == d.mtime_ns == d.ctime_ns
+    assert d.size == size + 20 and fs.inode_count() == 4
+    fh = fs.opendir(d.ino)
+    assert [name for name, _, _ in fs.readdir(fh, 0)] == [b".", b"..", b"b", b"a"]
+    fs.releasedir(fh)
+    sub = fs.mkdir(ROOT_INO, b"sub", 0o755, 0, 0)
+    assert errno_of(fs.rename, ROOT_INO, b"sub", d.ino, b"a", RENAME_WHITEOUT | RENAME_NOREPLACE) == errno.EEXIST
+    assert errno_of(fs.rename, ROOT_INO, b"sub", d.ino, b"a", RENAME_WHITEOUT) == errno.ENOTDIR
+    assert errno_of(fs.rename, ROOT_INO, b"sub", d.ino, b"c", RENAME_WHITEOUT | RENAME_EXCHANGE) == errno.EINVAL
+    assert errno_of(fs.rename, ROOT_INO, b"sub", d.ino, b"c", RENAME_WHITEOUT | 8) == errno.EINVAL
+    fs.rename(ROOT_INO, b"sub", d.ino, b"sub", RENAME_WHITEOUT)  # a directory moves, its whiteout stays
+    root_whiteout = fs.lookup(ROOT_INO, b"sub")
+    assert root_whiteout is not None and root_whiteout.mode == stat.S_IFCHR and root_whiteout.gid == 0
+    assert sub.parent == d.ino and fs.get(ROOT_INO).nlink == 3 and d.nlink == 3
+
+
+def test_rename_whiteout_at_the_inode_limit_changes_nothing(arena: Arena) -> None:
+    """tmpfs makes the whiteout before it drops the target: ENOSPC even over an
+    existing name, and both names stay."""
+    fs = Filesystem(lambda: AnonContent(arena), FsConfig(max_inodes=3))
+    a = fs.create_file(ROOT_INO, b"a", 0o644, 0, 0)
+    b = fs.create_file(ROOT_INO, b"b", 0o644, 0, 0)
+    assert errno_of(fs.rename, ROOT_INO, b"a", ROOT_INO, b"c", RENAME_WHITEOUT) == errno.ENOSPC
+    assert errno_of(fs.rename, ROOT_INO, b"a", ROOT_INO, b"b", RENAME_WHITEOUT) == errno.ENOSPC
+    assert fs.lookup(ROOT_INO, b"a") is a and fs.lookup(ROOT_INO, b"b") is b and fs.inode_count() == 3
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0)
+    fs.forget(b.ino, 2)
+    fs.rename(ROOT_INO, b"b", ROOT_INO, b"c", RENAME_WHITEOUT)
+    assert fs.inode_count() == 3 and fs.lookup(ROOT_INO, b"c") is a
+    fs.check_invariants()
+
+
+def test_dot_lookups_find_inodes_for_file_handles(fs: Filesystem) -> None:
+    """The kernel's export operations: "." by inode number (any type), ".." of a
+    directory; ESTALE once tmpfs would have evicted the inode."""
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    sub = fs.mkdir(d.ino, b"sub", 0o755, 0, 0)
+    f = fs.create_file(sub.ino, b"f", 0o644, 0, 0)
+    assert fs.lookup(f.ino, b".") is f and f.lookups == 2
+    assert fs.lookup(sub.ino, b".") is sub and fs.lookup(sub.ino, b"..") is d and d.lookups == 2
+    assert fs.lookup(ROOT_INO, b"..") is fs.get(ROOT_INO)
+    assert errno_of(fs.lookup, f.ino, b"..") == errno.ENOTDIR
+    assert errno_of(fs.lookup, 9999, b".") == errno.ESTALE
+    fh = fs.open(f.ino, os.O_RDONLY)
+    fs.unlink(sub.ino, b"f")
+    assert fs.lookup(f.ino, b".") is f  # deleted but open: still reachable, as on tmpfs
+    fs.release(fh)
+    assert errno_of(fs.lookup, f.ino, b".") == errno.ESTALE  # nameless and closed: tmpfs evicted it
+    fs.forget(f.ino, 3)
+    assert errno_of(fs.lookup, f.ino, b".") == errno.ESTALE
+    fs.rmdir(d.ino, b"sub")
+    assert errno_of(fs.lookup, sub.ino, b".") == errno.ESTALE
+    assert errno_of(fs.lookup, sub.ino, b"..") == errno.ESTALE
+    fs.forget(sub.ino, 2)
+    fs.forget(d.ino, 2)
 
 
 def test_unlinked_open_file_lives_until_release(fs: Filesystem, arena: Arena) -> None:
