@@ -54,6 +54,7 @@ AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 SLOTS = 3  # open file descriptors kept per side, by slot number
 
 NAMES = (b"a", b"b", b"c")
@@ -531,7 +532,10 @@ def gen_seek(d: Draw) -> Op:
 
 
 def gen_rename(d: Draw) -> Op:
-    flags = d.choices((0, RENAME_NOREPLACE, RENAME_EXCHANGE, 3), weights=(6, 2, 3, 1))[0]
+    whiteout = RENAME_WHITEOUT  # alone, with RENAME_NOREPLACE, and with RENAME_EXCHANGE (EINVAL)
+    flags = d.choices(
+        (0, RENAME_NOREPLACE, RENAME_EXCHANGE, 3, whiteout, whiteout | 1, whiteout | 2), weights=(6, 2, 3, 1, 2, 1, 1)
+    )[0]
     return Op("rename", (d.path_or_dot(), d.open_path(), flags))
 
 
