@@ -5,18 +5,35 @@ header, then (tag, perm, id) entries).  The kernel checks them and validates wha
 it sends; the filesystem
 has to apply a directory's default ACL to new entries
 (the kernel's ``posix_acl_create_masq``) and to keep the access ACL and the
-mode bits in step both ways.  Pure functions over bytes.
+mode bits in step both ways, clearing the setgid bit as the kernel's
+``posix_acl_update_mode`` does when who sets an access ACL is neither in the
+file's group nor privileged.  Pure functions over bytes and credentials.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 ACCESS = b"system.posix_acl_access"
 DEFAULT = b"system.posix_acl_default"
 HEADER = struct.Struct("<I")
 ENTRY = struct.Struct("<HHI")
 USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sets an ACL: the groups the kernel counts (fsgid and supplementary
+    groups) and whether it holds CAP_FSETID."""
+
+    groups: frozenset[int]
+    fsetid: bool
+
+    def keeps_setgid(self, gid: int) -> bool:
+        """Whether a file of group ``gid`` keeps its setgid bit when this caller
+        sets its access ACL (the kernel's in_group_or_capable)."""
+        return self.fsetid or gid in self.groups
 
 
 def inherit(default_acl: bytes, mode: int) -> tuple[int, bytes | None]:

@@ -419,8 +419,11 @@ class Filesystem:
                 inode.mtime_ns = now
 
     def _make(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> Inode:
-        """A new entry.  ``umask`` is what the kernel already cleared from ``mode``
-        (it does so even where a default ACL should rule instead)."""
+        """A new entry.  ``umask`` is the creator's umask, still to be applied:
+        as posix_acl_create does, it clears bits of ``mode`` unless the parent
+        has a default ACL, which rules instead.  The adapter passes 0 where the
+        kernel applied the umask already (no FUSE_DONT_MASK): ``mode`` is then
+        used as received, and a default ACL never adds bits back to it."""
         self._check_name(name)
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
@@ -434,7 +437,9 @@ class Filesystem:
         default_acl = None if stat.S_ISLNK(mode) else parent.xattrs.get(acl.DEFAULT)
         access_acl = None
         if default_acl is not None:
-            mode, access_acl = acl.inherit(default_acl, mode | umask & 0o777)
+            mode, access_acl = acl.inherit(default_acl, mode)
+        else:
+            mode &= ~(umask & 0o777)
         inode = self._new_inode(mode, uid, gid)
         if access_acl is not None:
             inode.xattrs[acl.ACCESS] = access_acl
@@ -783,7 +788,10 @@ class Filesystem:
         if len(name) > NAME_MAX:
             raise FsError(errno.ERANGE)
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes, caller: acl.Caller | None = None) -> None:
+        """Set an xattr.  An access ACL sets the permission bits too, and clears
+        the setgid bit unless ``caller`` (None: unknown, keep it) may keep it:
+        the kernel clears it for chmod, but leaves it to the filesystem here."""
         self._check_xattr_name(name)
         if len(value) > 65536:
             raise FsError(errno.E2BIG)
@@ -791,6 +799,8 @@ class Filesystem:
         if name == acl.ACCESS:
             perms, equivalent = acl.mode_from(value)
             inode.mode = inode.mode & ~0o777 | perms
+            if caller is not None and not caller.keeps_setgid(inode.gid):
+                inode.mode &= ~stat.S_ISGID
             if equivalent:
                 inode.xattrs.pop(name, None)
                 self._touch(inode, mtime=False)

@@ -18,7 +18,6 @@ import errno
 import functools
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -26,6 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from . import acl
 from .arena import PAGE, Arena
 from .content import MapBudget
 from .fs import Attrs, Filesystem, FsError, Inode
@@ -37,11 +37,34 @@ log = logging.getLogger(__name__)
 # the kernel itself uses to invalidate what it cached.
 CACHE_TIMEOUT = 86400.0
 
-# How long the page dropper's last notification may take at unmount.
-DROPPER_JOIN_TIMEOUT = 1.0
+# Direct writes that may wait for a page drop at once; beyond, the drop follows
+# the reply.  Each waiting write holds a serving task (mount.SERVING_TASKS), and
+# a drop may wait for pages locked by a READ that another task must answer.
+MAX_DROPS_WAITING = 8
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+CAP_FSETID = 4
+
+
+def caller(ctx: pyfuse3.RequestContext) -> acl.Caller:
+    """The groups and CAP_FSETID of the process behind a request.  The kernel
+    sends only its fsuid, fsgid and pid (libfuse 3 passes no
+    FUSE_SETXATTR_ACL_KILL_SGID), so the rest comes from /proc/PID/status; if
+    the process is gone, its fsgid and whether it is root."""
+    groups, fsetid = {ctx.gid}, ctx.uid == 0
+    try:
+        with open(f"/proc/{ctx.pid}/status", encoding="ascii") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key == "Groups":
+                    groups.update(int(gid) for gid in value.split())
+                elif key == "CapEff":
+                    fsetid = bool(int(value, 16) >> CAP_FSETID & 1)
+    except (OSError, ValueError):
+        pass
+    return acl.Caller(frozenset(groups), fsetid)
 
 
 def handler(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -67,6 +90,12 @@ class Operations(pyfuse3.Operations):
 
     enable_writeback_cache = False  # write-through keeps ENOSPC on write(2)
     enable_acl = True  # the kernel checks POSIX ACLs; the model stores and inherits them
+    # FUSE_DONT_MASK: new entries come with the mode asked for and the caller's
+    # umask, which the model applies only where no default ACL rules instead.
+    # Only pyfuse3 with patches/pyfuse3-dont-mask.patch knows this attribute;
+    # it sets it to False if the kernel does not offer the capability.
+    enable_dont_mask = True
+    dont_mask = False  # whether the kernel leaves the umask to us (known at INIT)
     # FUSE_EXPORT_SUPPORT: file handles (name_to_handle_at, NFS) outlive the
     # kernel's cache; it finds inodes again with lookups of "." and "..".
     supports_dot_lookup = True
@@ -82,11 +111,18 @@ class Operations(pyfuse3.Operations):
         # the ones whose pages a READ may have filled since their pages were last dropped.
         self.direct_opens: dict[int, int] = {}
         self.read_since_drop: set[int] = set()
-        self.stale_pages: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.drops_waiting = 0  # direct writes waiting for their stale pages to be dropped
 
     def init(self) -> None:
         """The kernel's INIT arrived (its reply is sent when this returns)."""
+        self.dont_mask = "enable_dont_mask" in vars(pyfuse3.Operations) and self.enable_dont_mask
+        if not self.dont_mask:
+            log.info("the kernel applies the umask to new entries, also under a default ACL (no FUSE_DONT_MASK)")
         self.initialized.set()
+
+    def umask(self, ctx: pyfuse3.RequestContext) -> int:
+        """The umask the model has to apply: none if the kernel applied it."""
+        return ctx.umask if self.dont_mask else 0
 
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
         self.fs.loaded(inode)  # a directory's size counts its entries
@@ -161,11 +197,11 @@ class Operations(pyfuse3.Operations):
     def mknod(
         self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask))
+        return self.entry(self.fs.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid, self.umask(ctx)))
 
     @handler
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.mkdir(parent, name, mode, ctx.uid, ctx.gid, ctx.umask))
+        return self.entry(self.fs.mkdir(parent, name, mode, ctx.uid, ctx.gid, self.umask(ctx)))
 
     @handler
     def symlink(
@@ -196,7 +232,7 @@ class Operations(pyfuse3.Operations):
     def create(
         self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        inode = self.fs.create_file(parent, name, mode, ctx.uid, ctx.gid, ctx.umask)
+        inode = self.fs.create_file(parent, name, mode, ctx.uid, ctx.gid, self.umask(ctx))
         fh = self.fs.open(inode.ino, flags)
         self.opened(inode.ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(inode)
@@ -221,8 +257,7 @@ class Operations(pyfuse3.Operations):
             self.read_since_drop.add(ino)
         return data
 
-    @handler
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
         """Asynchronous O_DIRECT writes leave stale pages behind unless we drop them.
 
         The kernel empties the written range of the page cache before it sends
@@ -231,16 +266,32 @@ class Operations(pyfuse3.Operations):
         nothing empties the range then.  A buffered READ of that range that we
         answered in between (old bytes) leaves its pages in the cache, and with
         ``keep_cache`` every later read is served the old bytes.  So after such
-        a write we drop the file's cached pages whenever we answered a READ of
-        it since we last did (nobody else's cached pages can be stale).  The
-        notification runs on the page dropper thread: on this thread it could
-        deadlock, waiting for pages locked by a READ that only we can answer."""
+        a write we drop the file's cached pages, before we reply, whenever we
+        answered a READ of it since we last did (nobody else's cached pages can
+        be stale).  The notification runs on a worker thread while other tasks
+        go on serving: on the serving thread it could deadlock, waiting for
+        pages locked by a READ that only we can answer."""
+        written, stale = await self._write(fh, offset, data)
+        if stale:
+            ino = self.fs.handle(fh).ino
+            if self.drops_waiting >= MAX_DROPS_WAITING:  # keep tasks free to answer READs
+                threading.Thread(target=self._drop_pages, args=(ino,), daemon=True).start()
+                return written
+            self.drops_waiting += 1
+            try:
+                await trio.to_thread.run_sync(self._drop_pages, ino)
+            finally:
+                self.drops_waiting -= 1
+        return written
+
+    @handler
+    def _write(self, fh: int, offset: int, data: bytes) -> tuple[int, bool]:
+        """The write, and whether the file's cached pages must be dropped before the reply."""
         written = self.fs.write(fh, offset, data)
         handle = self.fs.handle(fh)
-        if handle.flags & os.O_DIRECT and handle.ino in self.read_since_drop:
-            self.read_since_drop.discard(handle.ino)
-            self.stale_pages.put(handle.ino)
-        return written
+        stale = bool(handle.flags & os.O_DIRECT) and handle.ino in self.read_since_drop
+        self.read_since_drop.discard(handle.ino)
+        return written, stale
 
     async def flush(self, fh: int) -> None:
         """Nothing to do at close(): ENOSYS tells the kernel to stop sending FLUSH,
@@ -258,24 +309,13 @@ class Operations(pyfuse3.Operations):
                 self.read_since_drop.discard(handle.ino)
         self.fs.release(fh)
 
-    async def drop_stale_pages(self) -> None:
-        """Run the page dropper thread (see ``write``) until cancelled."""
-        thread = threading.Thread(target=self._page_dropper, name="mmfs page dropper", daemon=True)
-        thread.start()
+    @staticmethod
+    def _drop_pages(ino: int) -> None:
+        """Drop the kernel's cached pages of ``ino`` (on a worker thread)."""
         try:
-            await trio.sleep_forever()
-        finally:
-            self.stale_pages.put(None)
-            thread.join(DROPPER_JOIN_TIMEOUT)
-
-    def _page_dropper(self) -> None:
-        while (ino := self.stale_pages.get()) is not None:
-            try:
-                pyfuse3.invalidate_inode(ino, attr_only=False)
-            except OSError as error:  # ENOENT: the kernel has forgotten the inode, and its pages
-                log.debug("dropping the cached pages of inode %d: %s", ino, error)
-            except Exception:
-                log.exception("internal error dropping the cached pages of inode %d; the mount keeps serving", ino)
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError as error:  # ENOENT: the kernel has forgotten the inode, and its pages
+            log.debug("dropping the cached pages of inode %d: %s", ino, error)
 
     @handler
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -305,7 +345,7 @@ class Operations(pyfuse3.Operations):
     # --- extended attributes --------------------------------------------
     @handler
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.fs.setxattr(ino, name, value)
+        self.fs.setxattr(ino, name, value, caller(ctx) if name == acl.ACCESS else None)
 
     @handler
     def getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
