@@ -220,3 +220,13 @@ def test_man_mmfs_for_every_user() -> None:
     page = as_nobody("man", "-P", "cat", "mmfs")
     assert page.returncode == 0, page.stderr
     assert "NAME" in page.stdout and "mmfs" in page.stdout, page.stdout
+
+
+@pytest.mark.parametrize("python", [PYTHON, ROOT / ".venv" / "bin" / "python"], ids=["runtime", "dev"])
+def test_pyfuse3_carries_the_dont_mask_patch(python: Path) -> None:
+    """patches/install-pyfuse3 (run by scripts/install and scripts/test) built
+    pyfuse3 with patches/pyfuse3-dont-mask.patch: Operations.enable_dont_mask."""
+    code = 'import pyfuse3; print(pyfuse3.__version__, "enable_dont_mask" in vars(pyfuse3.Operations))'
+    done = subprocess.run([str(python), "-I", "-c", code], cwd="/", capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3.5.0", "True"], done.stdout
