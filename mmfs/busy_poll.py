@@ -16,8 +16,8 @@ polling wait in its place.  A pyfuse3 without it is served as before.
 
 At least every ``YIELD_EVERY`` seconds the wait goes through trio all the
 same, so signals and lease breaks are handled however busy the mount is.
-There must be only one session task (``pyfuse3.main(max_tasks=1)``): two
-tasks could both see one request and the second would block in read(2).
+Several session tasks may serve (a handler that awaits holds one): one polls
+while another waits in trio (see ``PollingWait.shared``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def install() -> bool:
     if wait_in_trio is None or device is None:
         log.warning("pyfuse3 %s: no busy polling, requests are served without it", pyfuse3.__version__)
         return False
-    pyfuse3._wait_fuse_readable = PollingWait(device, wait_in_trio)  # type: ignore[attr-defined]
+    pyfuse3._wait_fuse_readable = PollingWait(device, wait_in_trio, shared=True)  # type: ignore[attr-defined]
     return True
 
 
@@ -58,10 +58,21 @@ class PollingWait:
 
     ``caught_polling`` and ``waits_in_trio`` count the calls each way (every
     call is one or the other): how often polling paid off.
+
+    ``shared``: several session tasks call it.  pyfuse3 starts another task
+    whenever it receives a request while no task waits in trio (it counts only
+    those), so a task polls only while another one waits there; and a task
+    woken by trio checks the request is still there, since the poller may have
+    taken it (a second read(2) would block the loop).
     """
 
     def __init__(
-        self, device: int, wait_in_trio: Wait, spin: float = SPIN, clock: Callable[[], float] = time.perf_counter
+        self,
+        device: int,
+        wait_in_trio: Wait,
+        spin: float = SPIN,
+        clock: Callable[[], float] = time.perf_counter,
+        shared: bool = False,
     ) -> None:
         self.poller = select.poll()
         self.poller.register(device, select.POLLIN)
@@ -70,23 +81,31 @@ class PollingWait:
         self.window = spin
         self.clock = clock  # seconds; a test drives the window with a fake one
         self.last_yield = clock()
+        self.called = self.last_yield  # when a task last asked for a request
         self.caught_polling = 0  # calls that found a request while polling
         self.waits_in_trio = 0  # calls that went to trio: no request within the window, no window, or time to yield
+        self.shared = shared
+        self.in_trio = 0  # tasks waiting in trio now
 
     async def __call__(self) -> bool:
-        now = self.clock()
-        if self.window and now - self.last_yield < YIELD_EVERY:
+        now = self.called = self.clock()
+        if self.window and now - self.last_yield < YIELD_EVERY and (self.in_trio or not self.shared):
             if self._request_within(now + self.window):
                 self.window = self.spin
                 self.caught_polling += 1
                 return True
             self.window = self.window / 2 if self.window > self.spin / 8 else 0.0
         self.waits_in_trio += 1
-        began = self.clock()
-        ready = await self.wait_in_trio()
+        self.in_trio += 1
+        try:
+            ready = await self.wait_in_trio()
+            while ready and self.shared and not self.poller.poll(0):  # the poller took it meanwhile
+                ready = await self.wait_in_trio()
+        finally:
+            self.in_trio -= 1
         self.last_yield = self.clock()
-        if self.last_yield - began < self.spin:
-            self.window = self.spin  # polling would have caught this one
+        if self.last_yield - self.called < self.spin:
+            self.window = self.spin  # polling would have caught this one (timed from the latest call of any task)
         return ready
 
     def _request_within(self, deadline: float) -> bool:

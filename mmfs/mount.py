@@ -173,6 +173,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         pyfuse3.close(unmount=True)
 
 
+SERVING_TASKS = 16  # more than the asynchronous requests the kernel keeps in flight (max_background 12)
 READAHEAD_KB = 1024  # as large as one FUSE request (max_pages x 4 KiB)
 
 
@@ -197,10 +198,11 @@ async def _serve_until_stopped(operations: Operations, mountpoint: str, poll: bo
         if operations.maps is not None:
             await nursery.start(_retire_maps_on_lease_break, operations.maps)
         nursery.start_soon(_widen_readahead_after_init, operations, mountpoint)
-        nursery.start_soon(operations.drop_stale_pages)
         if poll:
             busy_poll.install()
-        await pyfuse3.main(max_tasks=1)  # no handler awaits: one task serves all
+        # One task serves nearly everything (no model call awaits); others serve
+        # while direct writes wait for the kernel to drop stale pages.
+        await pyfuse3.main(max_tasks=SERVING_TASKS)
         nursery.cancel_scope.cancel()
 
 

@@ -313,10 +313,6 @@ def test_kernel_tmpfs_never_serves_bytes_older_than_a_completed_direct_write(
     race(racer, kernel_tmpfs / "f", interface, reopen)
 
 
-# The page dropper empties the cache after the reply, not before it: a read in
-# between can still see old bytes (see Operations.write).  Closing that window
-# needs the dropper to finish before the reply, while other requests are served.
-@pytest.mark.xfail(strict=False, reason="pages are dropped just after the reply to the write, not before it")
 @pytest.mark.parametrize("reopen", [False, True], ids=["open-readers", "reopening-readers"])
 @pytest.mark.parametrize("interface", ["aio", "uring"])
 def test_mmfs_never_serves_bytes_older_than_a_completed_direct_write(
