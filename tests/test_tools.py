@@ -336,11 +336,7 @@ def test_default_acls_are_inherited_as_on_tmpfs(mnt: Path, kernel_tmpfs: Path) -
         (project / "file").write_bytes(b"")  # asks for 0666
         (project / "dir").mkdir()  # asks for 0777
         (project / "dir" / "nested").write_bytes(b"")
-        os.mkfifo(project / "fifo", 0o666)  # asks for 0666
-        # Known limit: pyfuse3 never negotiates FUSE_DONT_MASK, so the kernel
-        # clears umask bits before the daemon sees the mode.  mmfs restores the
-        # umask bits under a default ACL, which is exact for the usual 0666/0777
-        # requests but not for an explicit mode such as mkfifo(0o640).
+        os.mkfifo(project / "fifo", 0o640)  # asks for 0640: the umask must not matter under a default ACL
     for name in ("project", "project/file", "project/dir", "project/dir/nested", "project/fifo"):
         expected = run("getfacl", "-cp", kernel_tmpfs / name)
         assert run("getfacl", "-cp", mnt / name) == expected, name
