@@ -277,7 +277,8 @@ int main(int argc, char **argv) {
 }
 """
 
-SECONDS = 8
+SECONDS = 8  # per mmfs case: without the page drop, 2 of the 4 cases failed in each of two runs
+ORACLE_SECONDS = 2  # kernel tmpfs only shows that the expectation is fair
 
 
 @pytest.fixture(scope="module")
@@ -292,13 +293,13 @@ def racer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where / "racer"
 
 
-def race(racer: Path, path: Path, interface: str, reopen: bool) -> None:
+def race(racer: Path, path: Path, interface: str, reopen: bool, seconds: int = SECONDS) -> None:
     """64 blocks, 1 writer 16 writes deep, 2 readers of 64 KiB; no stale byte."""
     result = subprocess.run(
-        [str(racer), str(path), "64", "1", "16", "2", str(SECONDS), "1" if reopen else "0", interface],
+        [str(racer), str(path), "64", "1", "16", "2", str(seconds), "1" if reopen else "0", interface],
         capture_output=True,
         text=True,
-        timeout=SECONDS + 60,
+        timeout=seconds + 60,
     )
     counts = dict(item.split("=") for item in result.stdout.split())
     assert result.returncode == 0, result.stdout + result.stderr
@@ -310,7 +311,7 @@ def race(racer: Path, path: Path, interface: str, reopen: bool) -> None:
 def test_kernel_tmpfs_never_serves_bytes_older_than_a_completed_direct_write(
     racer: Path, kernel_tmpfs: Path, interface: str, reopen: bool
 ) -> None:
-    race(racer, kernel_tmpfs / "f", interface, reopen)
+    race(racer, kernel_tmpfs / "f", interface, reopen, ORACLE_SECONDS)
 
 
 @pytest.mark.parametrize("reopen", [False, True], ids=["open-readers", "reopening-readers"])
