@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +74,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
             return predicate()
         time.sleep(interval)
     return True
+
+
+CLOCK_REALTIME_COARSE = 5  # Linux; Python 3.11's time module does not name it
+
+
+def clock_passes(times_ns: Iterable[int]) -> None:
+    """Wait until the coarse clock, which tmpfs stamps times with, is past every
+    one of ``times_ns`` that is not in the future: a time set from now on then
+    differs from each of them.  (A time that changes is what is under test.)"""
+    latest = min(max(times_ns), time.time_ns())
+    assert wait_for(lambda: time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > latest, interval=0.001)
 
 
 def read_uncached(path: Path) -> bytes:

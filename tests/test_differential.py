@@ -40,14 +40,13 @@ import random
 import stat
 import struct
 import subprocess
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import clock_passes
 
 PAGE = mmap.PAGESIZE
 AT_FDCWD = -100
@@ -765,17 +764,6 @@ def mmap_write_one(fd: int) -> None:
 def times(fd: int) -> dict[str, int]:
     st = os.stat(fd)
     return {"atime": st.st_atime_ns, "mtime": st.st_mtime_ns, "ctime": st.st_ctime_ns}
-
-
-CLOCK_REALTIME_COARSE = 5  # Linux; Python 3.11's time module does not name it
-
-
-def clock_passes(times_ns: Iterable[int]) -> None:
-    """Wait until the coarse clock, which tmpfs stamps times with, is past every
-    one of ``times_ns`` that is not in the future: a time set from now on then
-    differs from each of them.  (A time that changes is what is under test.)"""
-    latest = min(max(times_ns), time.time_ns())
-    assert wait_for(lambda: time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > latest, interval=0.001)
 
 
 def changed_times(root: Path, case: TimeCase) -> set[str]:

@@ -54,14 +54,13 @@ import socket
 import stat
 import struct
 import subprocess
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mount, stop_mmfs, wait_for
+from conftest import Mount, clock_passes, stop_mmfs, wait_for
 
 MiB = 1 << 20
 PAGE = mmap.PAGESIZE
@@ -1398,17 +1397,6 @@ TIME_CASES: dict[str, TimeCase] = {  # in order, on one mount: each case has ent
 def file_times(fd: int) -> tuple[int, int, int]:
     st = os.fstat(fd)
     return st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-
-
-CLOCK_REALTIME_COARSE = 5  # Linux; Python 3.11's time module does not name it
-
-
-def clock_passes(times_ns: Iterable[int]) -> None:
-    """Wait until the coarse clock, which tmpfs stamps times with, is past every
-    one of ``times_ns`` that is not in the future: a time set from now on then
-    differs from each of them.  (A time that changes is what is under test.)"""
-    latest = min(max(times_ns), time.time_ns())
-    assert wait_for(lambda: time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > latest, interval=0.001)
 
 
 def changed_times(root: Path, case: TimeCase) -> set[str]:
