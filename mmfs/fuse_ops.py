@@ -92,14 +92,9 @@ class Operations(pyfuse3.Operations):
     enable_acl = True  # the kernel checks POSIX ACLs; the model stores and inherits them
     # FUSE_DONT_MASK: new entries come with the mode asked for and the caller's
     # umask, which the model applies only where no default ACL rules instead.
-    # Only pyfuse3 with patches/pyfuse3-init-capabilities.patch knows this attribute;
+    # Only pyfuse3 with patches/pyfuse3-dont-mask.patch knows this attribute;
     # it sets it to False if the kernel does not offer the capability.
     enable_dont_mask = True
-    # mmfs is the only writer of its files: a write must not make the kernel
-    # drop the file's cached pages when the next GETATTR shows the new mtime
-    # (FUSE_CAP_AUTO_INVAL_DATA; same patch).  Writes update the cached pages
-    # themselves; the one case they do not is handled in ``write``.
-    enable_auto_inval_data = False
     dont_mask = False  # whether the kernel leaves the umask to us (known at INIT)
     # FUSE_EXPORT_SUPPORT: file handles (name_to_handle_at, NFS) outlive the
     # kernel's cache; it finds inodes again with lookups of "." and "..".

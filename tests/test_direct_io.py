@@ -360,31 +360,3 @@ def test_a_file_nobody_opens_o_direct_keeps_its_pages_across_opens(
     assert read_uncached(path) == data  # the counter does see READs
     assert reads_served() > before
     stop_mmfs(mount)
-
-
-def test_a_small_write_keeps_the_rest_of_the_files_pages(mmfs_factory: Callable[..., Mount], tmp_path: Path) -> None:
-    """mmfs is the only writer of its files: a write (and the new mtime that the
-    next fstat brings back) must not make the kernel drop the file's cached pages
-    (FUSE_CAP_AUTO_INVAL_DATA, which libfuse turns on and mmfs's pyfuse3 patch lets it clear)."""
-    counter = tmp_path / "reads"
-    mount = mmfs_factory("tmpfs", options="size=128m", program=[sys.executable, "-c", COUNTING_DAEMON, str(counter)])
-
-    def reads_served() -> int:
-        return int(counter.read_text()) if counter.exists() else 0
-
-    path = mount.path / "f"
-    data = bytearray(os.urandom(16 << 20))
-    path.write_bytes(data)
-    assert path.read_bytes() == data  # everything is cached now
-    fd = os.open(path, os.O_RDWR)
-    try:
-        before = reads_served()
-        mtime = os.fstat(fd).st_mtime_ns
-        assert os.pwrite(fd, b"!", 4096) == 1
-        data[4096] = ord("!")
-        assert os.fstat(fd).st_mtime_ns != mtime  # the GETATTR that brings the new mtime back
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == data
-    assert reads_served() == before, f"{reads_served() - before} READs after a 1-byte write"
-    stop_mmfs(mount)
