@@ -252,9 +252,10 @@ class Operations(pyfuse3.Operations):
     @handler
     def read(self, fh: int, offset: int, size: int) -> Any:
         data = self.fs.read(fh, offset, size)
-        ino = self.fs.handle(fh).ino
-        if ino in self.direct_opens:  # these bytes may go into the page cache
-            self.read_since_drop.add(ino)
+        if self.direct_opens:  # only while some file has an O_DIRECT handle
+            ino = self.fs.handle(fh).ino
+            if ino in self.direct_opens:  # these bytes may go into the page cache
+                self.read_since_drop.add(ino)
         return data
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -271,9 +272,8 @@ class Operations(pyfuse3.Operations):
         be stale).  The notification runs on a worker thread while other tasks
         go on serving: on the serving thread it could deadlock, waiting for
         pages locked by a READ that only we can answer."""
-        written, stale = await self._write(fh, offset, data)
-        if stale:
-            ino = self.fs.handle(fh).ino
+        written, ino = await self._write(fh, offset, data)
+        if ino is not None:
             if self.drops_waiting >= MAX_DROPS_WAITING:  # keep tasks free to answer READs
                 threading.Thread(target=self._drop_pages, args=(ino,), daemon=True).start()
                 return written
@@ -285,13 +285,15 @@ class Operations(pyfuse3.Operations):
         return written
 
     @handler
-    def _write(self, fh: int, offset: int, data: bytes) -> tuple[int, bool]:
-        """The write, and whether the file's cached pages must be dropped before the reply."""
+    def _write(self, fh: int, offset: int, data: bytes) -> tuple[int, int | None]:
+        """The write, and the inode whose cached pages must be dropped before the
+        reply (a direct write to a file a READ may have refilled), or None."""
         written = self.fs.write(fh, offset, data)
         handle = self.fs.handle(fh)
-        stale = bool(handle.flags & os.O_DIRECT) and handle.ino in self.read_since_drop
-        self.read_since_drop.discard(handle.ino)
-        return written, stale
+        if not handle.flags & os.O_DIRECT or handle.ino not in self.read_since_drop:
+            return written, None
+        self.read_since_drop.discard(handle.ino)  # a buffered write leaves the mark: it drops nothing
+        return written, handle.ino
 
     async def flush(self, fh: int) -> None:
         """Nothing to do at close(): ENOSYS tells the kernel to stop sending FLUSH,

@@ -87,31 +87,27 @@ def atime_updates(root: Path) -> dict[str, bool]:
     return changed
 
 
-def kernel_tmpfs_with(tmp_path: Path, option: str) -> Path:
+def oracle_updates(tmp_path: Path, option: str) -> dict[str, bool]:
+    """``atime_updates`` on a kernel tmpfs mounted with ``option``."""
     path = tmp_path / "oracle"
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64m,{option}", "oracle", str(path)], check=True)
-    return path
+    try:
+        return atime_updates(path)
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_atime_option_as_on_tmpfs(tmp_path: Path, mmfs_factory: Callable[..., Mount], option: str) -> None:
-    oracle = kernel_tmpfs_with(tmp_path, option)
-    try:
-        expected = atime_updates(oracle)
-    finally:
-        subprocess.run(["umount", str(oracle)], check=True)
+    expected = oracle_updates(tmp_path, option)
     mount = mmfs_factory("tmpfs", options=f"size=64m,{option}")
     assert atime_updates(mount.path) == expected
 
 
 @pytest.mark.parametrize("option", ["relatime", "noatime", "strictatime", "nodiratime"])
 def test_atime_option_in_overlay_mode(tmp_path: Path, mmfs_factory: Callable[..., Mount], option: str) -> None:
-    oracle = kernel_tmpfs_with(tmp_path, option)
-    try:
-        expected = atime_updates(oracle)
-    finally:
-        subprocess.run(["umount", str(oracle)], check=True)
+    expected = oracle_updates(tmp_path, option)
     lower = tmp_path / "lower"
     lower.mkdir()
     mount = mmfs_factory("overlay", str(lower), options=f"size=64m,{option}")
