@@ -19,7 +19,9 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -67,11 +69,39 @@ def caller(ctx: pyfuse3.RequestContext) -> acl.Caller:
     return acl.Caller(frozenset(groups), fsetid)
 
 
+@dataclass
+class Served:
+    """The requests of one kind served, and the time the daemon spent on them."""
+
+    count: int = 0
+    ns: int = 0
+
+
+class RequestCounts(dict[str, Served]):
+    """Requests served by opcode (READ, GETXATTR, ...), for benchmarks and status.
+
+    The time is what the handler took in the daemon, from its call to its
+    return: not the kernel's round trip, nor the wait for the next request."""
+
+    def add(self, opcode: str, ns: int) -> None:
+        served = self.setdefault(opcode, Served())
+        served.count += 1
+        served.ns += ns
+
+    def summary(self) -> str:
+        """One line, the most frequent first: 'READ 96828 (1.234 s), ...'."""
+        by_count = sorted(self.items(), key=lambda item: (-item[1].count, item[0]))
+        return ", ".join(f"{opcode} {served.count} ({served.ns / 1e9:.3f} s)" for opcode, served in by_count) or "none"
+
+
 def handler(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Run a synchronous handler; map model errors and contain bugs."""
+    """Run a synchronous handler; map model errors and contain bugs; count it
+    (its first argument is the ``Operations``)."""
+    opcode = method.__name__.strip("_").upper()
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        start = time.perf_counter_ns()
         try:
             return method(*args, **kwargs)
         except FsError as error:
@@ -81,6 +111,9 @@ def handler(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
         except Exception:
             log.exception("internal error in %s; answering EIO", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            operations: Operations = args[0]  # type: ignore[assignment]
+            operations.requests.add(opcode, time.perf_counter_ns() - start)
 
     return wrapper
 
@@ -112,6 +145,7 @@ class Operations(pyfuse3.Operations):
         self.direct_opens: dict[int, int] = {}
         self.read_since_drop: set[int] = set()
         self.drops_waiting = 0  # direct writes waiting for their stale pages to be dropped
+        self.requests = RequestCounts()
 
     def init(self) -> None:
         """The kernel's INIT arrived (its reply is sent when this returns)."""
@@ -160,11 +194,13 @@ class Operations(pyfuse3.Operations):
         (not even FUSEError): whatever escaped would end the daemon.  So a bug
         here is logged with its traceback and the mount keeps serving; each
         inode of a batch is forgotten on its own, so one bad count spares the rest."""
+        start = time.perf_counter_ns()
         for ino, count in inode_list:
             try:
                 self.fs.forget(ino, count)
             except Exception:
                 log.exception("internal error in forget of inode %d (count %d); ignored", ino, count)
+        self.requests.add("FORGET", time.perf_counter_ns() - start)
 
     @handler
     def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -298,6 +334,7 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         """Nothing to do at close(): ENOSYS tells the kernel to stop sending FLUSH,
         which saves a request round trip on every close."""
+        self.requests.add("FLUSH", 0)
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @handler

@@ -171,6 +171,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         trio.run(_serve_until_stopped, operations, mountpoint, config.busy_poll)
     finally:
         pyfuse3.close(unmount=True)
+        log.info("requests served: %s", operations.requests.summary())
 
 
 SERVING_TASKS = 16  # more than the asynchronous requests the kernel keeps in flight (max_background 12)
@@ -195,6 +196,7 @@ def widen_readahead(mountpoint: str) -> None:
 async def _serve_until_stopped(operations: Operations, mountpoint: str, poll: bool) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        await nursery.start(_log_requests_on_signal, operations)
         if operations.maps is not None:
             await nursery.start(_retire_maps_on_lease_break, operations.maps)
         nursery.start_soon(_widen_readahead_after_init, operations, mountpoint)
@@ -230,6 +232,14 @@ async def _retire_maps_on_lease_break(maps: MapBudget, task_status: trio.TaskSta
         async for _ in signals:
             with contained("lease break"):
                 maps.lease_breaks()
+
+
+async def _log_requests_on_signal(operations: Operations, task_status: trio.TaskStatus[None]) -> None:
+    """SIGUSR2: log the requests served so far (benchmarks read the counts per phase)."""
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        task_status.started()
+        async for _ in signals:
+            log.info("requests served: %s", operations.requests.summary())
 
 
 async def _terminate_on_signal() -> None:
