@@ -125,7 +125,7 @@ class Operations(pyfuse3.Operations):
     enable_acl = True  # the kernel checks POSIX ACLs; the model stores and inherits them
     # FUSE_DONT_MASK: new entries come with the mode asked for and the caller's
     # umask, which the model applies only where no default ACL rules instead.
-    # Only pyfuse3 with patches/pyfuse3-dont-mask.patch knows this attribute;
+    # Only pyfuse3 with patches/pyfuse3-init-capabilities.patch knows this attribute;
     # it sets it to False if the kernel does not offer the capability.
     enable_dont_mask = True
     dont_mask = False  # whether the kernel leaves the umask to us (known at INIT)
@@ -136,6 +136,14 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem, arena: Arena, maps: MapBudget | None = None) -> None:
         super().__init__()
         self.fs = fs
+        # FUSE_CAP_AUTO_INVAL_DATA (same patch): whether the kernel drops a file's
+        # cached pages when a GETATTR shows it a new mtime, as it does after every
+        # write.  mmfs is the only writer of its files, so their cached pages are
+        # never stale (the one exception, asynchronous O_DIRECT, is handled in
+        # ``write``).  But FUSE inodes are S_NOATIME: only a READ that reaches us
+        # updates atime, and after a write the next read must (relatime, as on
+        # tmpfs; strictatime).  So the drop is kept, except on noatime mounts.
+        self.enable_auto_inval_data = fs.config.atime != "noatime"
         self.arena = arena
         self.maps = maps  # overlay mode: lower files mapped privately
         self.initialized = trio.Event()  # set when the kernel's INIT arrives

@@ -2,7 +2,7 @@
 
 A new entry gets the mode asked for less the umask, unless its directory has a
 default ACL, which rules instead of the umask (posix_acl_create).  mmfs asks the
-kernel for FUSE_DONT_MASK (pyfuse3 with patches/pyfuse3-dont-mask.patch) so it
+kernel for FUSE_DONT_MASK (pyfuse3 with patches/pyfuse3-init-capabilities.patch) so it
 sees the mode asked for and the umask, and decides as tmpfs does.  Without the
 patch the kernel applies the umask first, and mmfs must still never give more
 than that mode allows.  Setting an access ACL clears the setgid bit when the

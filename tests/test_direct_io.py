@@ -360,3 +360,41 @@ def test_a_file_nobody_opens_o_direct_keeps_its_pages_across_opens(
     assert read_uncached(path) == data  # the counter does see READs
     assert reads_served() > before
     stop_mmfs(mount)
+
+
+@pytest.mark.parametrize("atime", ["noatime", "relatime"])
+def test_on_noatime_a_small_write_keeps_the_rest_of_the_files_pages(
+    mmfs_factory: Callable[..., Mount], tmp_path: Path, atime: str
+) -> None:
+    """mmfs is the only writer of its files: on a noatime mount a write (and the
+    new mtime that the next fstat brings back) must not make the kernel drop the
+    file's cached pages (FUSE_CAP_AUTO_INVAL_DATA, which libfuse turns on and
+    mmfs's pyfuse3 patch lets it clear).  Elsewhere the drop stays: the first
+    read after a write must reach the daemon to update atime (test_atime)."""
+    counter = tmp_path / "reads"
+    mount = mmfs_factory(
+        "tmpfs", options=f"size=128m,{atime}", program=[sys.executable, "-c", COUNTING_DAEMON, str(counter)]
+    )
+
+    def reads_served() -> int:
+        return int(counter.read_text()) if counter.exists() else 0
+
+    path = mount.path / "f"
+    data = bytearray(os.urandom(16 << 20))
+    path.write_bytes(data)
+    assert path.read_bytes() == data  # everything is cached now
+    fd = os.open(path, os.O_RDWR)
+    try:
+        before = reads_served()
+        mtime = os.fstat(fd).st_mtime_ns
+        assert os.pwrite(fd, b"!", 4096) == 1
+        data[4096] = ord("!")
+        assert os.fstat(fd).st_mtime_ns != mtime  # the GETATTR that brings the new mtime back
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    if atime == "noatime":
+        assert reads_served() == before, f"{reads_served() - before} READs after a 1-byte write"
+    else:
+        assert reads_served() >= before + 4, "16 MiB read again in READs of at most 1 MiB after the write"
+    stop_mmfs(mount)

@@ -223,10 +223,14 @@ def test_man_mmfs_for_every_user() -> None:
 
 
 @pytest.mark.parametrize("python", [PYTHON, ROOT / ".venv" / "bin" / "python"], ids=["runtime", "dev"])
-def test_pyfuse3_carries_the_dont_mask_patch(python: Path) -> None:
+def test_pyfuse3_carries_the_init_capabilities_patch(python: Path) -> None:
     """patches/install-pyfuse3 (run by scripts/install and scripts/test) built
-    pyfuse3 with patches/pyfuse3-dont-mask.patch: Operations.enable_dont_mask."""
-    code = 'import pyfuse3; print(pyfuse3.__version__, "enable_dont_mask" in vars(pyfuse3.Operations))'
+    pyfuse3 with patches/pyfuse3-init-capabilities.patch: Operations.enable_dont_mask
+    and Operations.enable_auto_inval_data."""
+    code = (
+        "import pyfuse3; names = vars(pyfuse3.Operations); "
+        "print(pyfuse3.__version__, {'enable_dont_mask', 'enable_auto_inval_data'} <= set(names))"
+    )
     done = subprocess.run([str(python), "-I", "-c", code], cwd="/", capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["3.5.0", "True"], done.stdout
