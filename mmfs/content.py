@@ -22,7 +22,7 @@ import fcntl
 import logging
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, Buffer, NoSpace
 
@@ -211,22 +211,72 @@ class AnonContent:
         self._unsynced = None
 
 
-def page_runs(mask: int, offset: int, end: int) -> list[tuple[int, int, bool]]:
-    """Split [offset, end) into runs of pages whose bit in ``mask`` is set (True)
-    or clear (False), in order."""
-    first = offset // PAGE
-    count = (end - 1) // PAGE - first + 1
-    every = (1 << count) - 1
-    window = mask >> first & every
-    runs: list[tuple[int, int, bool]] = []
-    page = 0
-    while page < count:
-        mine = bool(window >> page & 1)
-        rest = (every & ~window if mine else window) >> page  # the pages that differ, from here on
-        following = page + (rest & -rest).bit_length() - 1 if rest else count
-        runs.append((max(offset, (first + page) * PAGE), min(end, (first + following) * PAGE), mine))
-        page = following
-    return runs
+class PageSet:
+    """Page numbers of one file (the pages written, or copied), one byte per page.
+
+    Adding a range, counting what a range lacks and splitting a range into runs
+    cost what the range covers, in C (bytearray slices, ``count``, ``find``),
+    never the size of the file: a bitmask ``int`` is copied whole by every
+    change, which made one 8 KiB write to a 1 GiB file cost 45 microseconds."""
+
+    __slots__ = ("_bytes", "count")
+
+    def __init__(self) -> None:
+        self._bytes = bytearray()  # 1 at the index of each page in the set
+        self.count = 0
+
+    def __contains__(self, page: int) -> bool:
+        return page < len(self._bytes) and self._bytes[page] == 1
+
+    def __iter__(self) -> Iterator[int]:
+        page = self._bytes.find(1)
+        while page >= 0:
+            yield page
+            page = self._bytes.find(1, page + 1)
+
+    def missing(self, first: int, last: int) -> int:
+        """How many of the pages first..last are not in the set."""
+        return last - first + 1 - self._bytes.count(1, first, last + 1)
+
+    def add(self, first: int, last: int) -> None:
+        """Add the pages first..last."""
+        if len(self._bytes) <= last:
+            self._bytes.extend(bytes(last + 1 - len(self._bytes)))
+        self.count += self.missing(first, last)
+        self._bytes[first : last + 1] = b"\x01" * (last - first + 1)
+
+    def discard_from(self, first: int) -> int:
+        """Remove every page from ``first`` on; returns how many there were."""
+        dropped = self._bytes.count(1, first)
+        del self._bytes[first:]
+        self.count -= dropped
+        return dropped
+
+    def runs(self, offset: int, end: int) -> list[tuple[int, int, bool]]:
+        """Split bytes [offset, end) into runs of pages in the set (True) or not
+        (False), in order."""
+        first = offset // PAGE
+        window = self._bytes[first : (end - 1) // PAGE + 1]
+        count = (end - 1) // PAGE - first + 1
+        runs: list[tuple[int, int, bool]] = []
+        page = 0
+        while page < count:
+            mine = page < len(window) and window[page] == 1
+            following = window.find(0 if mine else 1, page)
+            if following < 0:
+                following = len(window) if mine else count  # past the window: no page is in the set
+            runs.append((max(offset, (first + page) * PAGE), min(end, (first + following) * PAGE), mine))
+            page = following
+        return runs
+
+
+def _ranges(pages: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, last) of each run of consecutive numbers in sorted ``pages``."""
+    for start, page in enumerate(pages):
+        if start == 0 or pages[start - 1] != page - 1:
+            first = page
+        if start == len(pages) - 1 or pages[start + 1] != page + 1:
+            yield first, page
 
 
 def _segments(offset: int, end: int) -> list[tuple[int, int, int]]:
@@ -345,16 +395,16 @@ class CowContent:
         self.tail = AnonContent(arena, self.account)  # by file offset: bytes past lower_size, and arena-copied pages
         self.tail.size = size
         self.map: mmap.mmap | None = None
-        self.dirty = 0  # bitmask of map pages written (charged to the arena)
-        self.unsynced = 0  # bitmask of map pages written since the last sync
+        self.dirty = PageSet()  # map pages written (charged to the arena)
+        self.unsynced: set[int] = set()  # map pages written since the last sync
         self.copying = False  # copy-on-write into the arena instead of a map
-        self.copied = 0  # bitmask of backing pages copied into the tail
+        self.copied = PageSet()  # backing pages copied into the tail
         self.lost = False  # written pages lost in a lease break: every access is EIO
         self._fd: int | None = None
 
     @property
     def pages(self) -> int:
-        return self.lower_pages + self.dirty.bit_count() + self.tail.pages
+        return self.lower_pages + self.dirty.count + self.tail.pages
 
     # --- the backing file -------------------------------------------------
     def _backing_fd(self) -> int:
@@ -383,7 +433,7 @@ class CowContent:
             written, kept = self.copied, self._tail_read  # a mapped file has nothing copied
         pieces = [
             kept(start, stop) if mine else self._pread(start, stop - start)
-            for start, stop, mine in page_runs(written, offset, offset + length)
+            for start, stop, mine in written.runs(offset, offset + length)
         ]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -442,13 +492,13 @@ class CowContent:
     def _copy_pages(self, offset: int, end: int) -> None:
         """Copy the backing bytes of the pages under [offset, end) into the arena, once."""
         first, last = offset // PAGE, (end - 1) // PAGE
-        missing = [page for page in range(first, last + 1) if not self.copied >> page & 1]
+        missing = [page for page in range(first, last + 1) if page not in self.copied]
         if len(missing) > self.arena.pages_free():
             raise NoSpace()
         for page in missing:
             start = page * PAGE
             self.tail.write(start, self._pread(start, min(PAGE, self.lower_size - start)))
-            self.copied |= 1 << page
+            self.copied.add(page, page)
         self._close_backing_unless_mapped()
 
     def _map_write(self, offset: int, data: memoryview) -> int:
@@ -456,12 +506,12 @@ class CowContent:
         if self.map.size() < self.original_size:
             raise BackingGone()
         first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
-        fresh = (((1 << (last - first + 1)) - 1) << first) & ~self.dirty
-        self.account.take(fresh.bit_count())
+        fresh = self.dirty.missing(first, last)
+        self.account.take(fresh)
         if fresh:  # a fault would read read_ahead_kb around the page (MiBs): ask for these pages only
             os.posix_fadvise(self._backing_fd(), first * PAGE, (last - first + 1) * PAGE, os.POSIX_FADV_WILLNEED)
-        self.dirty |= fresh
-        self.unsynced |= ((1 << (last - first + 1)) - 1) << first
+            self.dirty.add(first, last)
+        self.unsynced.update(range(first, last + 1))
         self.map[offset : offset + len(data)] = data
         return len(data)
 
@@ -471,16 +521,18 @@ class CowContent:
             self.lower_size = size
             self.lower_pages = min(self.lower_pages, -(-size // PAGE))
             self._drop_dirty_from(-(-size // PAGE))
-            self.copied &= (1 << -(-size // PAGE)) - 1
+            self.copied.discard_from(-(-size // PAGE))
         self.tail.truncate(size)
         self.size = size
 
     def _drop_dirty_from(self, first_page: int) -> None:
-        dropped = self.dirty >> first_page << first_page
-        if not dropped or self.map is None:
+        if self.map is None:
             return
-        self.account.give(dropped.bit_count())
-        self.dirty &= ~dropped
+        dropped = self.dirty.discard_from(first_page)
+        self.unsynced = {page for page in self.unsynced if page < first_page}
+        if not dropped:
+            return
+        self.account.give(dropped)
         self.map.madvise(mmap.MADV_DONTNEED, first_page * PAGE, len(self.map) - first_page * PAGE)
 
     # --- lifetime -----------------------------------------------------------
@@ -513,12 +565,12 @@ class CowContent:
         if self.map is None:
             return
         self.copying = True  # never map this file again: its writer has it
-        pages = [page for page in range(self.dirty.bit_length()) if self.dirty >> page & 1]
+        pages = list(self.dirty)
         saved = [self.map[page * PAGE : min((page + 1) * PAGE, self.lower_size)] for page in pages]
         self._unmap()
         for page, data in zip(pages, saved, strict=True):
             self.tail.write(page * PAGE, data)  # one page: all of it, or NoSpace
-            self.copied |= 1 << page
+            self.copied.add(page, page)
 
     def _unmap(self) -> None:
         """Drop the map (its written pages go back to the budget) and close the
@@ -527,8 +579,8 @@ class CowContent:
         try:
             if mapping is not None:
                 self.maps.mapped.discard(self)
-                self.account.give(self.dirty.bit_count())
-                self.dirty = self.unsynced = 0
+                self.account.give(self.dirty.count)
+                self.dirty, self.unsynced = PageSet(), set()
                 mapping.close()
         finally:
             self._close_backing()  # closing the last descriptor gives the lease up
@@ -556,9 +608,8 @@ class CowContent:
 
     def sync(self) -> None:
         """msync(MS_SYNC) the map's pages written since the last sync, and the tail's."""
-        if self.map is not None and self.unsynced:
-            for start, stop, written in page_runs(self.unsynced, 0, len(self.map)):
-                if written:
-                    self.map.flush(start, stop - start)
-        self.unsynced = 0
+        if self.map is not None:
+            for first, last in _ranges(sorted(self.unsynced)):
+                self.map.flush(first * PAGE, min(len(self.map), (last + 1) * PAGE) - first * PAGE)
+        self.unsynced = set()
         self.tail.sync()

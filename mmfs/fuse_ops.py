@@ -69,7 +69,7 @@ def caller(ctx: pyfuse3.RequestContext) -> acl.Caller:
     return acl.Caller(frozenset(groups), fsetid)
 
 
-@dataclass
+@dataclass(slots=True)
 class Served:
     """The requests of one kind served, and the time the daemon spent on them."""
 
@@ -84,7 +84,9 @@ class RequestCounts(dict[str, Served]):
     return: not the kernel's round trip, nor the wait for the next request."""
 
     def add(self, opcode: str, ns: int) -> None:
-        served = self.setdefault(opcode, Served())
+        served = self.get(opcode)
+        if served is None:
+            served = self[opcode] = Served()
         served.count += 1
         served.ns += ns
 

@@ -375,20 +375,32 @@ def test_overlay_copy_on_write_changes_only_the_view(
     fs.check_invariants()
 
 
-def test_page_runs_split_ranges_by_the_bits_of_a_mask() -> None:
+def test_page_set_splits_ranges_into_runs_of_its_pages() -> None:
     import random
 
-    from mmfs.content import page_runs
+    from mmfs.content import PageSet
 
     rng = random.Random(5)
-    for _ in range(500):
-        mask = rng.getrandbits(40) & rng.getrandbits(40) if rng.random() < 0.8 else rng.choice((0, (1 << 40) - 1))
+    for _ in range(300):
+        pages, model = PageSet(), set()
+        for _ in range(rng.randrange(6)):
+            first = rng.randrange(40)
+            last = first + rng.randrange(8)
+            assert pages.missing(first, last) == len(set(range(first, last + 1)) - model)
+            pages.add(first, last)
+            model |= set(range(first, last + 1))
+        if rng.random() < 0.3:
+            cut = rng.randrange(50)
+            assert pages.discard_from(cut) == len({page for page in model if page >= cut})
+            model = {page for page in model if page < cut}
+        assert pages.count == len(model) and list(pages) == sorted(model)
+        assert all((page in pages) == (page in model) for page in range(60))
         offset = rng.randrange(30 * PAGE)
-        end = offset + rng.randrange(1, 10 * PAGE)
-        runs = page_runs(mask, offset, end)
+        end = offset + rng.randrange(1, 30 * PAGE)
+        runs = pages.runs(offset, end)
         assert runs[0][0] == offset and runs[-1][1] == end
         for (start, stop, mine), following in zip(runs, runs[1:] + [None], strict=True):
-            assert start < stop and all(bool(mask >> (pos // PAGE) & 1) == mine for pos in range(start, stop))
+            assert start < stop and all((pos // PAGE in model) == mine for pos in range(start, stop, 512))
             if following is not None:
                 assert following[0] == stop and following[2] != mine
 
