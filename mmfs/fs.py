@@ -99,6 +99,24 @@ class Content(Protocol):
     def sync(self) -> None: ...
 
 
+class Space(Protocol):
+    """Where file contents are stored, as ``statfs`` reports it (arena.Arena)."""
+
+    page_limit: int  # 0 = unlimited
+
+    def pages_free(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class FsStats:
+    """What ``statfs`` says: pages and inodes in all and free (0 and 0 if unlimited)."""
+
+    pages: int
+    pages_free: int
+    inodes: int
+    inodes_free: int
+
+
 class Lower(Protocol):
     """The backing directory of an overlay (see lower.py)."""
 
@@ -195,12 +213,14 @@ class Filesystem:
         new_content: Callable[[], Content],
         config: FsConfig,
         clock: Callable[[], int] = time.time_ns,
+        space: Space | None = None,
         lower: Lower | None = None,
         lower_content: Callable[[LowerEntry], Content] | None = None,
     ) -> None:
         self.new_content = new_content
         self.config = config
         self.clock = clock
+        self.space = space  # None: no limit on file contents
         self.lower = lower
         self.lower_content = lower_content
         self.inodes: dict[int, Inode] = {}
@@ -677,7 +697,10 @@ class Filesystem:
         return fh
 
     def open(self, ino: int, flags: int) -> int:
+        """A handle on a regular file; O_TRUNC empties it first."""
         self._check_contents(self.get(ino))
+        if flags & os.O_TRUNC:
+            self.setattr(ino, Attrs(size=0, mtime_ns=self.clock()))
         return self._new_handle(Handle(ino, flags))
 
     @staticmethod
@@ -832,6 +855,12 @@ class Filesystem:
         self._touch(inode, mtime=False)
 
     # --- whole filesystem -------------------------------------------------
+    def statfs(self) -> FsStats:
+        limit = self.space.page_limit if self.space is not None else 0
+        free = self.space.pages_free() if self.space is not None and limit else 0
+        inodes = self.config.max_inodes
+        return FsStats(limit, free, inodes, max(0, inodes - self.counted_inodes) if inodes else 0)
+
     def inode_count(self) -> int:
         """Inodes counted against nr_inodes (not those of the backing directory)."""
         return self.counted_inodes

@@ -28,9 +28,8 @@ import pyfuse3
 import trio
 
 from . import acl
-from .arena import PAGE, Arena
-from .content import MapBudget
-from .fs import Attrs, Filesystem, FsError, Inode
+from .arena import PAGE
+from .fs import NAME_MAX, Attrs, Filesystem, FsError, Inode
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ class Operations(pyfuse3.Operations):
     # kernel's cache; it finds inodes again with lookups of "." and "..".
     supports_dot_lookup = True
 
-    def __init__(self, fs: Filesystem, arena: Arena, maps: MapBudget | None = None) -> None:
+    def __init__(self, fs: Filesystem, on_init: Callable[[], None] = lambda: None) -> None:
         super().__init__()
         self.fs = fs
         # FUSE_CAP_AUTO_INVAL_DATA (same patch): whether the kernel drops a file's
@@ -146,9 +145,7 @@ class Operations(pyfuse3.Operations):
         # updates atime, and after a write the next read must (relatime, as on
         # tmpfs; strictatime).  So the drop is kept, except on noatime mounts.
         self.enable_auto_inval_data = fs.config.atime != "noatime"
-        self.arena = arena
-        self.maps = maps  # overlay mode: lower files mapped privately
-        self.initialized = trio.Event()  # set when the kernel's INIT arrives
+        self.on_init = on_init  # called when the kernel's INIT arrives
         # Asynchronous O_DIRECT writes (io_submit, io_uring) and the page cache:
         # see ``write``.  Inodes with O_DIRECT handles open -> how many; of those,
         # the ones whose pages a READ may have filled since their pages were last dropped.
@@ -162,7 +159,7 @@ class Operations(pyfuse3.Operations):
         self.dont_mask = "enable_dont_mask" in vars(pyfuse3.Operations) and self.enable_dont_mask
         if not self.dont_mask:
             log.info("the kernel applies the umask to new entries, also under a default ACL (no FUSE_DONT_MASK)")
-        self.initialized.set()
+        self.on_init()
 
     def umask(self, ctx: pyfuse3.RequestContext) -> int:
         """The umask the model has to apply: none if the kernel applied it."""
@@ -279,15 +276,13 @@ class Operations(pyfuse3.Operations):
         self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         inode = self.fs.create_file(parent, name, mode, ctx.uid, ctx.gid, self.umask(ctx))
-        fh = self.fs.open(inode.ino, flags)
+        fh = self.fs.open(inode.ino, flags & ~os.O_TRUNC)  # new, so empty: nothing to truncate
         self.opened(inode.ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(inode)
 
     @handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if flags & os.O_TRUNC:  # the kernel sends O_TRUNC here (atomic_o_trunc)
-            self.fs.setattr(ino, Attrs(size=0, mtime_ns=self.fs.clock()))
-        fh = self.fs.open(ino, flags)
+        fh = self.fs.open(ino, flags)  # with O_TRUNC, which the kernel leaves to us (atomic_o_trunc)
         self.opened(ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -411,15 +406,10 @@ class Operations(pyfuse3.Operations):
     # --- whole filesystem -------------------------------------------------
     @handler
     def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = self.fs.statfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = PAGE
-        if self.arena.page_limit:
-            data.f_blocks = self.arena.page_limit
-            data.f_bfree = data.f_bavail = self.arena.pages_free()
-        limit = self.fs.config.max_inodes
-        if limit:
-            data.f_files = limit
-            data.f_ffree = data.f_favail = max(0, limit - self.fs.inode_count())
-        data.f_namemax = 255
+        data.f_blocks, data.f_bfree, data.f_bavail = stats.pages, stats.pages_free, stats.pages_free
+        data.f_files, data.f_ffree, data.f_favail = stats.inodes, stats.inodes_free, stats.inodes_free
+        data.f_namemax = NAME_MAX
         return data
-

@@ -1,4 +1,4 @@
-"""Mount lifecycle: build the filesystem, mount it, serve until unmounted.
+"""Mount lifecycle: build the daemon (daemon.py), mount it, serve until unmounted.
 
 ``pyfuse3.init`` mounts; ``trio.run`` serves requests until the kernel ends the
 session (umount, ``fusermount3 -u``) or SIGINT/SIGTERM calls
@@ -12,7 +12,6 @@ import errno
 import faulthandler
 import logging
 import os
-import resource
 import shlex
 import signal
 import stat
@@ -23,18 +22,12 @@ import pyfuse3
 import trio
 
 from . import busy_poll, mounts
-from .arena import PAGE, SLOT, Arena
-from .content import AnonContent, CowContent, MapBudget
-from .fs import Filesystem, FsConfig
-from .fuse_ops import Operations
-from .lower import LowerDir, LowerEntry
+from .content import MapBudget
+from .daemon import Daemon, build
+from .fuse_ops import RequestCounts
 from .options import MountConfig, UsageError, atime_rule, shown
 
 log = logging.getLogger(__name__)
-
-# Virtual address space for the arena: free until touched, and enough slots for
-# millions of small files whatever size= says.
-MIN_RESERVATION = 1 << 40
 
 
 def check_mountpoint(path: str) -> None:
@@ -80,98 +73,21 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
-def open_lower(path: str) -> LowerDir:
-    """The backing directory, or one clear line saying what is wrong with it."""
-    try:
-        return LowerDir(path)
-    except OSError as error:
-        raise UsageError(f"lowerdir {shown(path)}: {error.strerror}") from None
-
-
-def build(config: MountConfig) -> Operations:
-    """The filesystem a config describes, ready to mount."""
-    reserve = arena_reservation(config.size)
-    page_limit = config.size // PAGE
-    if reserve < config.size or not page_limit and reserve < MIN_RESERVATION:
-        page_limit = reserve // PAGE  # ulimit -v: df shows what fits
-        log.warning("address space limit (ulimit -v): size= is %d MiB", reserve >> 20)
-    arena = Arena(reserve, page_limit)
-    rule, diratime = atime_rule(config)
-    settings = FsConfig(
-        max_inodes=config.nr_inodes, atime=rule, diratime=diratime,
-        root_mode=config.mode, root_uid=config.uid, root_gid=config.gid,
-    )
-    if config.lowerdir is None:
-        return Operations(Filesystem(lambda: AnonContent(arena), settings), arena)
-    lower = open_lower(config.lowerdir)
-    maps = MapBudget(map_limit())
-
-    def lower_content(entry: LowerEntry) -> CowContent:
-        path = entry.path
-        return CowContent(arena, maps, lambda: lower.open(path), entry.st.st_size, entry.st.st_blocks)
-
-    fs = Filesystem(lambda: AnonContent(arena), settings, lower=lower, lower_content=lower_content)
-    return Operations(fs, arena, maps)
-
-
-# Under an address space limit, room kept for the daemon's own heap, stacks and
-# private maps of lower files (which fall back to the arena when they don't fit).
-MIN_HEADROOM = 256 << 20
-MIN_ARENA = 64 << 20
-
-
-def arena_reservation(size: int) -> int:
-    """Bytes of address space for the arena: 1 TiB or twice size=, or what
-    RLIMIT_AS (``ulimit -v``) leaves, or a one-line error if too little."""
-    wanted = max(MIN_RESERVATION, 2 * size)
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    room = soft - address_space_used()
-    fits = (room - max(MIN_HEADROOM, room // 4)) // SLOT * SLOT
-    if fits < MIN_ARENA:
-        raise UsageError(
-            f"address space limit (ulimit -v) of {soft >> 20} MiB leaves too little room: "
-            f"mmfs needs about {(soft - room + MIN_HEADROOM + MIN_ARENA) >> 20} MiB"
-        )
-    return min(wanted, fits)
-
-
-def address_space_used() -> int:
-    """This process's virtual memory size (VmSize), in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
-
-
-def map_limit() -> int:
-    """How many lower files may be mapped at once: each map is a VMA and holds two
-    descriptors; keep well inside vm.max_map_count and the descriptor limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with open("/proc/sys/vm/max_map_count") as max_map_count:
-        vmas = int(max_map_count.read())
-    return max(0, min(vmas // 2, (hard - 1024) // 2))
-
-
 def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Mount, call ``ready()``, and serve until the mount ends."""
-    operations = build(config)
+    daemon = build(config)
     mountpoint = os.path.realpath(config.mountpoint)  # resolving it after the mount would deadlock
-    pyfuse3.init(operations, mountpoint, fuse_options(config))
+    pyfuse3.init(daemon.operations, mountpoint, fuse_options(config))
     os.chdir("/")  # never pin the caller's directory (its filesystem could not be unmounted)
     ready()
     log.info("mounted %s on %s", config.source, mountpoint)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)
     try:
-        trio.run(_serve_until_stopped, operations, mountpoint, config.busy_poll)
+        trio.run(_serve_until_stopped, daemon, mountpoint, config.busy_poll)
     finally:
         pyfuse3.close(unmount=True)
-        log.info("requests served: %s", operations.requests.summary())
+        log.info("requests served: %s", daemon.requests.summary())
 
 
 SERVING_TASKS = 16  # more than the asynchronous requests the kernel keeps in flight (max_background 12)
@@ -193,13 +109,13 @@ def widen_readahead(mountpoint: str) -> None:
         log.debug("cannot widen readahead of %s: %s", mountpoint, error)
 
 
-async def _serve_until_stopped(operations: Operations, mountpoint: str, poll: bool) -> None:
+async def _serve_until_stopped(daemon: Daemon, mountpoint: str, poll: bool) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        await nursery.start(_log_requests_on_signal, operations)
-        if operations.maps is not None:
-            await nursery.start(_retire_maps_on_lease_break, operations.maps)
-        nursery.start_soon(_widen_readahead_after_init, operations, mountpoint)
+        await nursery.start(_log_requests_on_signal, daemon.requests)
+        if daemon.maps is not None:
+            await nursery.start(_retire_maps_on_lease_break, daemon.maps)
+        nursery.start_soon(_widen_readahead_after_init, daemon.initialized, mountpoint)
         if poll:
             busy_poll.install()
         # One task serves nearly everything (no model call awaits); others serve
@@ -217,9 +133,9 @@ def contained(what: str) -> Iterator[None]:
         log.exception("internal error in %s; the mount keeps serving", what)
 
 
-async def _widen_readahead_after_init(operations: Operations, mountpoint: str) -> None:
+async def _widen_readahead_after_init(initialized: trio.Event, mountpoint: str) -> None:
     """The kernel caps readahead at what the INIT reply said: widen it after that."""
-    await operations.initialized.wait()
+    await initialized.wait()
     with contained("readahead widening"):
         widen_readahead(mountpoint)
 
@@ -234,12 +150,12 @@ async def _retire_maps_on_lease_break(maps: MapBudget, task_status: trio.TaskSta
                 maps.lease_breaks()
 
 
-async def _log_requests_on_signal(operations: Operations, task_status: trio.TaskStatus[None]) -> None:
+async def _log_requests_on_signal(requests: RequestCounts, task_status: trio.TaskStatus[None]) -> None:
     """SIGUSR2: log the requests served so far (benchmarks read the counts per phase)."""
     with trio.open_signal_receiver(signal.SIGUSR2) as signals:
         task_status.started()
         async for _ in signals:
-            log.info("requests served: %s", operations.requests.summary())
+            log.info("requests served: %s", requests.summary())
 
 
 async def _terminate_on_signal() -> None:
