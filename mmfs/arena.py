@@ -25,11 +25,12 @@ import errno
 import mmap
 import os
 
+from .linux import MAP_NORESERVE
+
 Buffer = bytes | bytearray | memoryview
 PAGE = mmap.PAGESIZE
 SLOT = 64 * 1024
 PAGES_PER_SLOT = SLOT // PAGE
-MAP_NORESERVE = 0x4000  # not exported by Python 3.11's mmap module
 
 
 class NoSpace(OSError):

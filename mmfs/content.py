@@ -18,13 +18,14 @@ caller.  A lease break is handled outside any request, so nothing escapes
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import mmap
 import os
 from collections.abc import Callable, Iterator
 
-from .arena import MAP_NORESERVE, PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, Buffer, NoSpace
+from .arena import PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, Buffer, NoSpace
+from .linux import holds_read_lease
+from .maps import MapBudget
 
 log = logging.getLogger(__name__)
 
@@ -311,61 +312,6 @@ class PagesLost(OSError):
         super().__init__(errno.EIO, "pages written to this lower file were lost when its backing file changed")
 
 
-class MapBudget:
-    """The private file mappings in use: bounded, and each guarded by a read lease.
-
-    Each mapping costs a VMA (``vm.max_map_count``) and descriptors, so at most
-    ``limit`` lower files are mapped; beyond that, copy-on-write falls back to
-    pages in the arena.  A read lease (``F_SETLEASE``) on each mapped file makes
-    the kernel hold back anyone who would truncate or write it until
-    ``lease_breaks()`` has retired the mapping: touching a private map of a
-    truncated file would raise SIGBUS and kill the daemon.  The owner of the
-    mount calls ``lease_breaks()`` when SIGIO arrives, between requests.
-    """
-
-    def __init__(self, limit: int, leases: bool = True) -> None:
-        self.limit = limit
-        self.leases = leases
-        self.mapped: set[CowContent] = set()
-
-    def try_map(self, content: CowContent, fd: int, length: int) -> mmap.mmap | None:
-        """A writable private map of the backing file, or None to use the arena."""
-        if len(self.mapped) >= self.limit:
-            return None
-        try:
-            if self.leases:
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        except OSError:  # a writer has it open, or leases are unsupported here
-            return None
-        try:
-            flags, prot = mmap.MAP_PRIVATE | MAP_NORESERVE, mmap.PROT_READ | mmap.PROT_WRITE
-            mapping = mmap.mmap(fd, length, flags=flags, prot=prot)
-        except OSError:  # out of address space or VMAs
-            if self.leases:
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            return None
-        self.mapped.add(content)
-        return mapping
-
-    def lease_breaks(self) -> None:
-        """Retire every mapping whose lease someone is breaking.
-
-        Never raises: it runs on SIGIO, outside any request, and every writer
-        waiting on one of these files must be let go.  A lease that cannot be
-        queried counts as broken: retiring a map for nothing costs memory,
-        keeping the map of a file that is being truncated would cost the
-        daemon (SIGBUS).
-        """
-        for content in list(self.mapped):
-            try:
-                broken = content.lease_broken()
-            except OSError:
-                log.exception("cannot query the lease of a mapped lower file; retiring its map to be safe")
-                broken = True
-            if broken:
-                content.retire()
-
-
 class CowContent:
     """A lower file's bytes: the backing file, copy-on-write per page.
 
@@ -537,7 +483,7 @@ class CowContent:
 
     # --- lifetime -----------------------------------------------------------
     def lease_broken(self) -> bool:
-        return self._fd is not None and fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK
+        return self._fd is not None and not holds_read_lease(self._fd)
 
     def retire(self) -> None:
         """The backing file is about to change (its writer waits for us): keep the

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import trio
 
 from .arena import PAGE, SLOT, Arena
-from .content import AnonContent, CowContent, MapBudget
+from .content import AnonContent, CowContent
 from .fs import Filesystem, FsConfig
 from .fuse_ops import Operations, RequestCounts
 from .lower import LowerDir, LowerEntry
+from .maps import MapBudget
 from .options import MountConfig, UsageError, atime_rule, shown
 
 log = logging.getLogger(__name__)

@@ -17,36 +17,15 @@ Knows only the backing directory; no inodes, no FUSE.  Synchronous.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-SYS_OPEN_TREE, SYS_OPENAT2, SYS_MOUNT_SETATTR = 428, 437, 442
-OPEN_TREE_CLONE, AT_RECURSIVE, AT_EMPTY_PATH, AT_FDCWD = 1, 0x8000, 0x1000, -100
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
-MOUNT_ATTR_NOATIME, MOUNT_ATTR__ATIME, MOUNT_ATTR_NOSYMFOLLOW = 0x10, 0x70, 0x200000
-RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
+from .linux import openat2_beneath, private_readonly_clone
+
 KEPT_XATTRS = (b"user.", b"trusted.", b"security.", b"system.posix_acl_access", b"system.posix_acl_default")
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
-
-
-def _check(result: int) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
 
 
 @dataclass
@@ -70,36 +49,16 @@ class LowerDir:
             raise NotADirectoryError(errno.ENOTDIR, "lowerdir is a symlink", path)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "lowerdir is not a directory", path)
-        self.anchor = self._private_clone(path)
+        self.anchor = private_readonly_clone(path)
         if self.anchor < 0:
             self.anchor = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         os.close(self.open(b".", os.O_DIRECTORY))  # readable, or PermissionError now
         self.root = self.entry(b"", b".")
 
-    @staticmethod
-    def _private_clone(path: str) -> int:
-        """A detached read-only noatime clone of the mount, or -1 without privilege."""
-        flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
-        fd = int(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(path), flags))
-        if fd < 0:
-            return -1
-        attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME | MOUNT_ATTR_NOSYMFOLLOW | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
-        request = _MountAttr(attrs, MOUNT_ATTR__ATIME, 0, 0)
-        flags = AT_EMPTY_PATH | AT_RECURSIVE
-        if _libc.syscall(SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(request), ctypes.sizeof(request)) < 0:
-            os.close(fd)
-            return -1
-        return fd
-
     def open(self, path: bytes, flags: int = 0) -> int:
         """openat2 beneath LOWERDIR, read-only, never following a symlink."""
-        how = _OpenHow(flags | os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME, 0,
-                       RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
-        result = _libc.syscall(SYS_OPENAT2, self.anchor, path or b".", ctypes.byref(how), ctypes.sizeof(how))
-        if result < 0 and ctypes.get_errno() == errno.EPERM:  # O_NOATIME on a file we don't own
-            how.flags &= ~os.O_NOATIME
-            result = _libc.syscall(SYS_OPENAT2, self.anchor, path or b".", ctypes.byref(how), ctypes.sizeof(how))
-        return _check(result)
+        flags |= os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
+        return openat2_beneath(self.anchor, path or b".", flags)
 
     def entry(self, parent: bytes, name: bytes, dirfd: int | None = None) -> LowerEntry:
         """Stat one name (without following it), with symlink target and xattrs."""

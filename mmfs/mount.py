@@ -22,9 +22,9 @@ import pyfuse3
 import trio
 
 from . import busy_poll, mounts
-from .content import MapBudget
 from .daemon import Daemon, build
 from .fuse_ops import RequestCounts
+from .maps import MapBudget
 from .options import MountConfig, UsageError, atime_rule, shown
 
 log = logging.getLogger(__name__)

@@ -357,8 +357,8 @@ def test_a_bug_in_a_daemon_task_is_contained(tmp_path: Path, task: str) -> None:
         patch = "import mmfs.mount\ndef broken(path): raise RuntimeError('injected readahead bug')\n" \
                 "mmfs.mount.widen_readahead = broken"
     else:
-        patch = "import mmfs.content\ndef broken(self): raise RuntimeError('injected lease break bug')\n" \
-                "mmfs.content.MapBudget.lease_breaks = broken"
+        patch = "import mmfs.maps\ndef broken(self): raise RuntimeError('injected lease break bug')\n" \
+                "mmfs.maps.MapBudget.lease_breaks = broken"
     mount = start_patched(patch, mountpoint, tmp_path / "mmfs.log", "overlay", str(lower))
     try:
         if task == "lease break":

@@ -1,0 +1,82 @@
+"""The raw Linux calls mmfs makes that Python's standard library lacks.
+
+``open_tree``/``mount_setattr`` (a private read-only clone of a mount),
+``openat2`` (path resolution confined beneath a directory), file leases
+(``F_SETLEASE``: the kernel holds back a writer until the lease is given up),
+and the mmap flag Python 3.11 does not export.  Thin wrappers: errors are
+``OSError`` with the kernel's errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+SYS_OPEN_TREE, SYS_OPENAT2, SYS_MOUNT_SETATTR = 428, 437, 442
+OPEN_TREE_CLONE, AT_RECURSIVE, AT_EMPTY_PATH, AT_FDCWD = 1, 0x8000, 0x1000, -100
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+MOUNT_ATTR_NOATIME, MOUNT_ATTR__ATIME, MOUNT_ATTR_NOSYMFOLLOW = 0x10, 0x70, 0x200000
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
+MAP_NORESERVE = 0x4000  # not exported by Python 3.11's mmap module
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+def _check(result: int) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def private_readonly_clone(path: str) -> int:
+    """A detached clone of the mount tree at ``path``, made read-only, noatime,
+    nosymfollow, nodev and nosuid; -1 without the privilege to make one."""
+    flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
+    fd = int(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(path), flags))
+    if fd < 0:
+        return -1
+    attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME | MOUNT_ATTR_NOSYMFOLLOW | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
+    request = _MountAttr(attrs, MOUNT_ATTR__ATIME, 0, 0)
+    flags = AT_EMPTY_PATH | AT_RECURSIVE
+    if _libc.syscall(SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(request), ctypes.sizeof(request)) < 0:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def openat2_beneath(dirfd: int, path: bytes, flags: int) -> int:
+    """``openat2`` of ``path`` beneath ``dirfd``: no ``..`` escape, no symlink
+    followed, no magic link.  O_NOATIME is dropped where it is refused (EPERM:
+    a file the caller does not own)."""
+    how = _OpenHow(flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+    result = _libc.syscall(SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+    if result < 0 and ctypes.get_errno() == errno.EPERM and flags & os.O_NOATIME:
+        how.flags &= ~os.O_NOATIME
+        result = _libc.syscall(SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+    return _check(result)
+
+
+def take_read_lease(fd: int) -> None:
+    """A read lease on ``fd``: whoever opens the file for writing or truncates it
+    waits until it is given up, and SIGIO tells us."""
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+
+
+def give_up_lease(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+
+def holds_read_lease(fd: int) -> bool:
+    """False once someone has started breaking the lease."""
+    return bool(fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK)
