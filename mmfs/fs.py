@@ -13,13 +13,9 @@ kernel leaves to the filesystem (ENOTEMPTY, ENAMETOOLONG, EEXIST, loops...).
 Lifetimes: an inode is freed when it has no names (``nlink == 0``), no kernel
 lookup references and no open handles.  Inode numbers are never reused.
 
-Link counts of lower files (overlay mode): a lower file shows the st_nlink it
-has on LOWERDIR's filesystem, adjusted by the links made and names removed in
-the mount, as stat on LOWERDIR (and kernel overlayfs) shows it; names of it in
-directories not listed yet are ``hidden_links``.  When its last name known to
-the mount goes, the names that are not in any lower directory still to be
-listed are outside LOWERDIR: they stop counting, and if none is left inside,
-the file is freed like any other (see ``_settle_hidden_links``).
+Overlay mode: LOWERDIR's names become inodes lazily, a directory at a time,
+and a hard-linked lower file is one inode whose link count follows LOWERDIR's
+(``overlay.Overlay``).
 """
 
 from __future__ import annotations
@@ -30,13 +26,15 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import acl
-from .arena import PAGE, Buffer, NoSpace
+from .arena import Buffer, NoSpace
+from .inode import Content, Directory, Inode, Lower
 from .lower import LowerEntry
+from .overlay import Overlay, copy_lower_attrs
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +44,8 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-SHORT_SYMLINK = 128  # tmpfs keeps shorter targets in the inode, longer ones in a page
 END_OFFSET = 1 << 62  # readdir offsets: an entry with cookie c is at END_OFFSET - c
 DAY_NS = 86400 * 10**9
-BOGO_DIRENT_SIZE = 20  # tmpfs counts a directory's size as 20 bytes an entry
 
 
 class FsError(Exception):
@@ -83,22 +79,6 @@ class StorageErrors:
 storage_errors = StorageErrors()
 
 
-class Content(Protocol):
-    """What the model needs of a regular file's bytes (see content.py)."""
-
-    size: int
-
-    @property
-    def pages(self) -> int: ...  # pages held, for st_blocks
-    def read(self, offset: int, length: int) -> Buffer: ...
-    def write(self, offset: int, data: Buffer) -> int: ...
-    def truncate(self, size: int) -> None: ...
-    def release(self) -> None: ...
-    def closed(self) -> None: ...
-    def uncharge(self) -> None: ...
-    def sync(self) -> None: ...
-
-
 class Space(Protocol):
     """Where file contents are stored, as ``statfs`` reports it (arena.Arena)."""
 
@@ -117,15 +97,6 @@ class FsStats:
     inodes_free: int
 
 
-class Lower(Protocol):
-    """The backing directory of an overlay (see lower.py)."""
-
-    root: LowerEntry
-
-    def list(self, path: bytes) -> list[LowerEntry]: ...
-    def count_links(self, roots: Iterable[bytes]) -> dict[tuple[int, int], int]: ...
-
-
 @dataclass
 class FsConfig:
     """Mount-wide settings that the model enforces."""
@@ -136,52 +107,6 @@ class FsConfig:
     root_mode: int | None = None  # None: 1777, or the lower root's
     root_uid: int | None = None
     root_gid: int | None = None
-
-
-@dataclass(eq=False, slots=True)
-class Inode:
-    """One file of any type, with every lifetime field in one place."""
-
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    nlink: int = 1
-    rdev: int = 0
-    lookups: int = 0  # kernel references (lookup/create/... minus forget)
-    opens: int = 0  # open handles
-    content: Content | None = None  # regular files
-    entries: dict[bytes, tuple[int, int]] | None = None  # dirs: name -> (ino, cookie), in cookie order
-    parent: int = 0  # dirs: the directory holding this one
-    next_cookie: int = 3  # dirs: the cookie of the next name linked (counts up; never reused)
-    target: bytes = b""  # symlinks
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    lower: bytes | None = None  # dirs: backing directory not listed yet
-    hidden_links: int = 0  # backing names of this inode not listed yet (or, until settled, outside LOWERDIR)
-    counted: bool = True  # counts against nr_inodes (lower inodes do not)
-    lower_key: tuple[int, int] | None = None  # (st_dev, st_ino) of a hard-linked lower file
-
-    @property
-    def is_dir(self) -> bool:
-        return self.entries is not None
-
-    @property
-    def size(self) -> int:
-        if self.content is not None:
-            return self.content.size
-        if self.entries is not None:
-            return BOGO_DIRENT_SIZE * (2 + len(self.entries))
-        return len(self.target)
-
-    @property
-    def blocks(self) -> int:
-        """512-byte blocks really held, as st_blocks counts them."""
-        if self.content is not None:
-            return self.content.pages * (PAGE // 512)
-        return PAGE // 512 if len(self.target) >= SHORT_SYMLINK else 0
 
 
 @dataclass
@@ -221,24 +146,18 @@ class Filesystem:
         self.config = config
         self.clock = clock
         self.space = space  # None: no limit on file contents
-        self.lower = lower
-        self.lower_content = lower_content
+        self.overlay = Overlay(lower, lower_content) if lower is not None and lower_content is not None else None
         self.inodes: dict[int, Inode] = {}
         self.handles: dict[int, Handle] = {}
         self.counted_inodes = 0
-        self._lower_links: dict[tuple[int, int], Inode] = {}
-        # Names of hard-linked lower files in the lower directories not listed
-        # yet, by (st_dev, st_ino): counted once (None until then), and kept up
-        # to date as those directories are listed.
-        self._unlisted_links: dict[tuple[int, int], int] | None = None
         self._next_ino = ROOT_INO
         self._next_fh = 1
         root = self._new_inode(stat.S_IFDIR | 0o1777, 0, 0)
-        root.entries, root.parent, root.nlink = {}, ROOT_INO, 2
+        root.dir, root.nlink = Directory(ROOT_INO), 2
         root.lookups = 1  # pinned: the kernel never forgets the root
         if lower is not None:
-            self._copy_lower_attrs(root, lower.root)
-            root.lower = b""
+            copy_lower_attrs(root, lower.root)
+            root.dir.unlisted = b""
         for name in ("mode", "uid", "gid"):
             value = getattr(config, "root_" + name)
             if value is not None:
@@ -257,88 +176,24 @@ class Filesystem:
         return inode
 
     # --- the backing directory (overlay mode) -------------------------------
-    @staticmethod
-    def _copy_lower_attrs(inode: Inode, entry: LowerEntry) -> None:
-        st = entry.st
-        inode.mode, inode.uid, inode.gid, inode.rdev = st.st_mode, st.st_uid, st.st_gid, st.st_rdev
-        inode.atime_ns, inode.mtime_ns, inode.ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        inode.target, inode.xattrs = entry.target, dict(entry.xattrs or {})
-
     def entries(self, directory: Inode) -> dict[bytes, tuple[int, int]]:
-        """A directory's entries, listing its backing directory the first time.
-
-        The reference for a lower directory is its ``cp -a`` copy on tmpfs: cp
-        creates the entries in the order of their inode numbers (as getdents
-        gives them; the same number keeps getdents order), so they are linked
-        in that order and list newest first, by descending inode number."""
-        assert directory.entries is not None
-        if directory.lower is not None:
-            assert self.lower is not None
+        """A directory's entries, listing its backing directory the first time
+        (in the order ``Overlay.listing`` gives)."""
+        assert directory.dir is not None
+        if directory.dir.unlisted is not None:
+            assert self.overlay is not None
             with storage_errors:
-                listing = self.lower.list(directory.lower)
-            directory.lower = None
-            for entry in sorted(listing, key=lambda entry: entry.dirent_ino):
-                self._link_entry(directory, entry.name, self._lower_inode(entry, directory))
-                self._listed_link(entry)
-        return directory.entries
+                listing = self.overlay.listing(directory.dir)
+            for entry in listing:
+                self._link_entry(directory, entry.name, self.overlay.inode(entry, directory, self._new_lower_inode))
+        return directory.dir.entries
 
-    def _listed_link(self, entry: LowerEntry) -> None:
-        """A name counted in ``_unlisted_links`` was listed: it counts no more."""
-        key = (entry.st.st_dev, entry.st.st_ino)
-        if self._unlisted_links is not None and key in self._unlisted_links:
-            self._unlisted_links[key] -= 1
-            if not self._unlisted_links[key]:
-                del self._unlisted_links[key]
-
-    def _settle_hidden_links(self, inode: Inode) -> None:
-        """The last name of a hard-linked lower file known to the mount went while
-        LOWERDIR's filesystem counts more (``hidden_links``).  Those not in a
-        lower directory still to be listed are outside LOWERDIR: they stop
-        counting, so that the file is freed if none is left inside.
-
-        Which names are inside is found by walking every lower directory not
-        listed yet, once per mount (``_unlisted_links``).  If the walk fails,
-        the count stays: the file is kept rather than freed too early."""
-        if self._unlisted_links is None:
-            assert self.lower is not None
-            roots = [directory.lower for directory in self.inodes.values() if directory.lower is not None]
-            try:
-                self._unlisted_links = self.lower.count_links(roots)
-            except OSError as error:
-                log.warning("cannot count the hard links in LOWERDIR's directories not listed yet: %s", error)
-                return
-        assert inode.lower_key is not None
-        inside = min(inode.hidden_links, self._unlisted_links.get(inode.lower_key, 0))
-        inode.nlink -= inode.hidden_links - inside
-        inode.hidden_links = inside
-
-    def _lower_inode(self, entry: LowerEntry, parent: Inode) -> Inode:
-        st = entry.st
-        key = (st.st_dev, st.st_ino)
-        known = self._lower_links.get(key)
-        if known is not None and not stat.S_ISDIR(st.st_mode):
-            if known.hidden_links:
-                known.hidden_links -= 1
-            else:
-                known.nlink += 1
-            return known
-        inode = self._new_inode(st.st_mode, st.st_uid, st.st_gid, counted=False)
-        self._copy_lower_attrs(inode, entry)
-        if stat.S_ISDIR(st.st_mode):
-            inode.entries, inode.parent, inode.nlink, inode.lower = {}, parent.ino, 2, entry.path
-            parent.nlink += 1
-        elif stat.S_ISREG(st.st_mode):
-            assert self.lower_content is not None
-            inode.content = self.lower_content(entry)
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            inode.nlink, inode.hidden_links = st.st_nlink, st.st_nlink - 1
-            inode.lower_key = key
-            self._lower_links[key] = inode
-        return inode
+    def _new_lower_inode(self, mode: int) -> Inode:
+        return self._new_inode(mode, 0, 0, counted=False)  # LOWERDIR's own entries never count
 
     def loaded(self, inode: Inode) -> Inode:
         """The inode with its directory listed (its size counts its entries)."""
-        if inode.lower is not None:
+        if inode.dir is not None and inode.dir.unlisted is not None:
             self.entries(inode)
         return inode
 
@@ -350,7 +205,7 @@ class Filesystem:
 
     def _dir(self, ino: int) -> Inode:
         inode = self.get(ino)
-        if inode.entries is None:
+        if inode.dir is None:
             raise FsError(errno.ENOTDIR)
         self.entries(inode)
         return inode
@@ -370,14 +225,13 @@ class Filesystem:
             return
         if inode.content is not None:
             inode.content.release()
-        if inode.lower_key is not None:
-            del self._lower_links[inode.lower_key]
+        if self.overlay is not None:
+            self.overlay.forget(inode)
         del self.inodes[inode.ino]
 
-    def remember(self, inode: Inode) -> Inode:
+    def remember(self, inode: Inode) -> None:
         """The kernel took a reference (an entry reply); it will forget() it."""
         inode.lookups += 1
-        return inode
 
     def forget(self, ino: int, count: int) -> None:
         inode = self.inodes.get(ino)
@@ -395,16 +249,16 @@ class Filesystem:
             raise FsError(errno.ENAMETOOLONG)
 
     def _child(self, parent: Inode, name: bytes) -> Inode | None:
-        assert parent.entries is not None
+        assert parent.dir is not None
         if name == b".":
             return parent
         if name == b"..":
-            return self.inodes[parent.parent]
-        found = parent.entries.get(name)
+            return self.inodes[parent.dir.parent]
+        found = parent.dir.entries.get(name)
         return self.inodes[found[0]] if found else None
 
     def lookup(self, parent_ino: int, name: bytes) -> Inode | None:
-        """The named child, with a kernel reference taken; None if absent.
+        """The named child, or None if absent.
 
         The kernel sends "." and ".." only to decode file handles (export
         support, see fuse_get_dentry and fuse_get_parent): "." with any inode's
@@ -412,16 +266,16 @@ class Filesystem:
         inode tmpfs would have evicted (freed, or without a name and not open)
         is ESTALE; the kernel makes ENOENT ESTALE as well."""
         if name == b".":
-            return self.remember(self._exported(parent_ino))
+            return self._exported(parent_ino)
         if name == b"..":
-            directory = self._exported(parent_ino)
-            if not directory.is_dir:
+            directory = self._exported(parent_ino).dir
+            if directory is None:
                 raise FsError(errno.ENOTDIR)
-            return self.remember(self._exported(directory.parent))
+            return self._exported(directory.parent)
         self._check_name(name)
         parent = self._dir(parent_ino)
         child = self._child(parent, name)
-        return self.remember(child) if child is not None else None
+        return child
 
     def _exported(self, ino: int) -> Inode:
         """The inode a file handle names, while tmpfs would keep it: it has a
@@ -433,10 +287,11 @@ class Filesystem:
 
     def _link_entry(self, parent: Inode, name: bytes, inode: Inode) -> None:
         """Link ``name`` with a new cookie: it lists first (see ``readdir``)."""
-        assert parent.entries is not None
-        parent.entries.pop(name, None)  # keeps cookie order == dict order
-        parent.entries[name] = (inode.ino, parent.next_cookie)
-        parent.next_cookie += 1
+        directory = parent.dir
+        assert directory is not None
+        directory.entries.pop(name, None)  # keeps cookie order == dict order
+        directory.entries[name] = (inode.ino, directory.next_cookie)
+        directory.next_cookie += 1
 
     def _touch(self, *inodes: Inode, mtime: bool = True) -> None:
         now = self.clock()
@@ -474,7 +329,7 @@ class Filesystem:
             inode.xattrs[acl.DEFAULT] = default_acl
         self._link_entry(parent, name, inode)
         self._touch(parent)
-        return self.remember(inode)
+        return inode
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int, umask: int = 0) -> Inode:
         if stat.S_IFMT(mode) == stat.S_IFREG:
@@ -491,7 +346,7 @@ class Filesystem:
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> Inode:
         inode = self._make(parent_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, umask)
-        inode.entries, inode.parent, inode.nlink = {}, parent_ino, 2
+        inode.dir, inode.nlink = Directory(parent_ino), 2
         self.inodes[parent_ino].nlink += 1
         return inode
 
@@ -523,7 +378,7 @@ class Filesystem:
         self._link_entry(parent, name, inode)
         self._touch(parent)
         self._touch(inode, mtime=False)
-        return self.remember(inode)
+        return inode
 
     def _existing(self, parent: Inode, name: bytes) -> Inode:
         self._check_name(name)
@@ -553,15 +408,16 @@ class Filesystem:
         self._drop_entry(parent, name, child)
 
     def _drop_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
-        assert parent.entries is not None
-        del parent.entries[name]
+        assert parent.dir is not None
+        del parent.dir.entries[name]
         if child.is_dir:
             child.nlink = 0
             parent.nlink -= 1
         else:
             child.nlink -= 1
             if child.hidden_links and child.nlink == child.hidden_links:  # no name left in the mount
-                self._settle_hidden_links(child)
+                assert self.overlay is not None
+                self.overlay.settle_hidden_links(child, (inode.dir for inode in self.inodes.values() if inode.dir))
         self._touch(parent)
         self._touch(child, mtime=False)
         self._maybe_free(child)
@@ -572,7 +428,8 @@ class Filesystem:
                 return True
             if inode.ino == ROOT_INO:
                 return False
-            inode = self.inodes[inode.parent]
+            assert inode.dir is not None
+            inode = self.inodes[inode.dir.parent]
 
     def rename(
         self, old_parent_ino: int, old: bytes, new_parent_ino: int, new: bytes, flags: int, uid: int = 0, gid: int = 0
@@ -611,8 +468,8 @@ class Filesystem:
         whiteout = self._whiteout(src_dir, uid, gid) if flags & RENAME_WHITEOUT else None
         if target is not None:
             self._drop_entry(dst_dir, new, target)
-        assert src_dir.entries is not None
-        del src_dir.entries[old]
+        assert src_dir.dir is not None
+        del src_dir.dir.entries[old]
         if whiteout is not None:  # listed after the moved name, as on tmpfs
             self._link_entry(src_dir, old, whiteout)
         self._link_entry(dst_dir, new, moved)
@@ -642,7 +499,8 @@ class Filesystem:
         if moved.is_dir and src_dir is not dst_dir:
             src_dir.nlink -= 1
             dst_dir.nlink += 1
-            moved.parent = dst_dir.ino
+            assert moved.dir is not None
+            moved.dir.parent = dst_dir.ino
 
     def _exchange(self, src_dir: Inode, old: bytes, a: Inode, dst_dir: Inode, new: bytes, b: Inode) -> None:
         if (a.is_dir and self._is_ancestor(a, dst_dir)) or (b.is_dir and self._is_ancestor(b, src_dir)):
@@ -786,18 +644,19 @@ class Filesystem:
         """
         handle = self.handle(fh)
         directory = self._dir(handle.ino)
-        assert directory.entries is not None
+        assert directory.dir is not None
+        entries = directory.dir.entries
         if start == 0 or handle.listing is None:
-            handle.listing = [(cookie, name) for name, (_, cookie) in directory.entries.items()]
+            handle.listing = [(cookie, name) for name, (_, cookie) in entries.items()]
         if start < 1:
             yield b".", directory, 1
         if start < 2:
-            yield b"..", self.inodes[directory.parent], 2
+            yield b"..", self.inodes[directory.dir.parent], 2
         listing = handle.listing
         below = bisect.bisect_left(listing, (END_OFFSET - max(start, 2),))  # cookies listed after ``start``
         for index in range(below - 1, -1, -1):
             cookie, name = listing[index]
-            entry = directory.entries.get(name)
+            entry = entries.get(name)
             if entry is not None and entry[1] == cookie:
                 yield name, self.inodes[entry[0]], END_OFFSET - cookie
         self._access(directory)
@@ -869,19 +728,19 @@ class Filesystem:
         """Raise AssertionError if the model's books do not balance."""
         links: dict[int, int] = {ROOT_INO: 2}
         for inode in self.inodes.values():
-            if inode.entries is None:
+            if inode.dir is None:
                 continue
-            for name, (child_ino, _) in inode.entries.items():
+            for name, (child_ino, _) in inode.dir.entries.items():
                 assert len(name) <= NAME_MAX and b"/" not in name and name not in (b".", b"..")
                 child = self.inodes[child_ino]
                 if child.is_dir:
-                    assert child.parent == inode.ino, (name, child.parent, inode.ino)
+                    assert child.dir is not None and child.dir.parent == inode.ino, (name, inode.ino)
                     links.setdefault(child_ino, 2)
                     links[inode.ino] = links.get(inode.ino, 2) + 1
                 else:
                     links[child_ino] = links.get(child_ino, 0) + 1
-            cookies = [cookie for _, cookie in inode.entries.values()]
-            assert cookies == sorted(cookies) and (not cookies or cookies[-1] < inode.next_cookie)
+            cookies = [cookie for _, cookie in inode.dir.entries.values()]
+            assert cookies == sorted(cookies) and (not cookies or cookies[-1] < inode.dir.next_cookie)
         for inode in self.inodes.values():
             assert inode.lookups >= 0 and inode.opens >= 0
             expected = links.get(inode.ino, 0) + inode.hidden_links

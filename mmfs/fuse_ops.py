@@ -7,9 +7,10 @@ mmfs: it is logged with its traceback and answered with EIO, and the mount keeps
 serving.  FORGET has no answer: a bug there is logged and ignored.  Because no
 handler awaits in the middle of a model call, model mutations never interleave.
 
-Lookup counts are taken exactly where pyfuse3 documents them: entry replies of
-lookup, create, mknod, mkdir, symlink, link, and readdir entries accepted by
-``readdir_reply`` (never "." or "..").
+Lookup counts are taken here, never in the model, exactly where pyfuse3
+documents them and only once nothing can fail any more: entry replies of
+lookup, create, mknod, mkdir, symlink and link (``new_entry``), and readdir
+entries accepted by ``readdir_reply`` (never "." or "..").
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import trio
 
 from . import acl
 from .arena import PAGE
-from .fs import NAME_MAX, Attrs, Filesystem, FsError, Inode
+from .fs import NAME_MAX, Attrs, Filesystem, FsError
+from .inode import Inode
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +167,25 @@ class Operations(pyfuse3.Operations):
         """The umask the model has to apply: none if the kernel applied it."""
         return ctx.umask if self.dont_mask else 0
 
+    def new_entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """An entry reply: the kernel takes a reference to ``inode``, which it
+        gives back with forget().  Taken once the reply is built, so a request
+        that fails leaves none behind."""
+        attributes = self.entry(inode)
+        self.fs.remember(inode)
+        return attributes
+
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        self.fs.loaded(inode)  # a directory's size counts its entries
+        """The attributes of ``inode`` as the kernel caches them.  An overlay
+        directory not listed yet cannot know its size and link count (they count
+        its entries), and is not listed just for this reply (listing a directory
+        would list every subdirectory): its attributes go out uncached, so the
+        kernel asks ``getattr`` for them when someone looks."""
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode.ino
         attr.generation = 0
         attr.entry_timeout = CACHE_TIMEOUT
-        attr.attr_timeout = CACHE_TIMEOUT
+        attr.attr_timeout = 0 if inode.dir is not None and inode.dir.unlisted is not None else CACHE_TIMEOUT
         attr.st_mode = inode.mode
         attr.st_nlink = inode.nlink
         attr.st_uid = inode.uid
@@ -190,7 +204,7 @@ class Operations(pyfuse3.Operations):
     def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         inode = self.fs.lookup(parent, name)
         if inode is not None:
-            return self.entry(inode)
+            return self.new_entry(inode)
         negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
         negative.st_ino = 0
         negative.entry_timeout = CACHE_TIMEOUT
@@ -211,7 +225,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.get(ino))
+        return self.entry(self.fs.loaded(self.fs.get(ino)))
 
     @handler
     def setattr(
@@ -230,7 +244,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        return self.entry(self.fs.setattr(ino, changes))
+        return self.entry(self.fs.loaded(self.fs.setattr(ino, changes)))
 
     @handler
     def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -240,21 +254,21 @@ class Operations(pyfuse3.Operations):
     def mknod(
         self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid, self.umask(ctx)))
+        return self.new_entry(self.fs.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid, self.umask(ctx)))
 
     @handler
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.mkdir(parent, name, mode, ctx.uid, ctx.gid, self.umask(ctx)))
+        return self.new_entry(self.fs.mkdir(parent, name, mode, ctx.uid, ctx.gid, self.umask(ctx)))
 
     @handler
     def symlink(
         self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.symlink(parent, name, target, ctx.uid, ctx.gid))
+        return self.new_entry(self.fs.symlink(parent, name, target, ctx.uid, ctx.gid))
 
     @handler
     def link(self, ino: int, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.link(ino, parent, name))
+        return self.new_entry(self.fs.link(ino, parent, name))
 
     @handler
     def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -278,7 +292,7 @@ class Operations(pyfuse3.Operations):
         inode = self.fs.create_file(parent, name, mode, ctx.uid, ctx.gid, self.umask(ctx))
         fh = self.fs.open(inode.ino, flags & ~os.O_TRUNC)  # new, so empty: nothing to truncate
         self.opened(inode.ino, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(inode)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.new_entry(inode)
 
     @handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:

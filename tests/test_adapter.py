@@ -11,6 +11,7 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pyfuse3
@@ -18,9 +19,11 @@ import pytest
 import trio
 
 from mmfs.arena import PAGE, Arena
-from mmfs.content import AnonContent
+from mmfs.content import AnonContent, CowContent
 from mmfs.fs import NAME_MAX, ROOT_INO, Filesystem, FsConfig
 from mmfs.fuse_ops import CACHE_TIMEOUT, Operations
+from mmfs.lower import LowerDir, LowerEntry
+from mmfs.maps import MapBudget
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -193,6 +196,46 @@ def test_forget_with_too_large_a_count_is_contained(ops: Operations, caplog: pyt
     assert record.exc_info is not None and record.exc_info[0] is AssertionError
     assert ops.requests["FORGET"].count == 1
     assert call(ops.lookup, ROOT_INO, b"b", CTX).st_ino == b  # still served
+
+
+def overlay_ops(lower: Path) -> Operations:
+    """An adapter over an overlay-mode model of ``lower``, as ``daemon.build`` makes one."""
+    arena = Arena(256 * MiB, 0)
+    maps = MapBudget(limit=0, leases=False)
+    tree = LowerDir(str(lower))
+
+    def content(entry: LowerEntry) -> CowContent:
+        return CowContent(arena, maps, lambda: tree.open(entry.path), entry.st.st_size, entry.st.st_blocks)
+
+    fs = Filesystem(lambda: AnonContent(arena), FsConfig(), space=arena, lower=tree, lower_content=content)
+    return Operations(fs)
+
+
+def test_entry_replies_never_list_a_backing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlay mode: lookup and readdir replies carry a directory not listed yet
+    without listing it, with attributes the kernel must not cache (its size and
+    link count are not known yet); getattr lists it.  So a backing directory
+    that vanished fails only the getattr (EIO), and leaves no reference."""
+    lower = tmp_path / "lower"
+    for name in ("a", "gone", "z"):
+        (lower / name).mkdir(parents=True)
+    ops = overlay_ops(lower)
+    fh = call(ops.opendir, ROOT_INO, CTX)  # lists the root: "a", "gone" and "z" are known, not listed
+    (lower / "gone").rmdir()
+    entry = call(ops.lookup, ROOT_INO, b"gone", CTX)
+    assert entry.attr_timeout == 0 and entry.entry_timeout == CACHE_TIMEOUT
+    gone = ops.fs.inodes[entry.st_ino]
+    assert gone.lookups == 1 and gone.dir is not None and gone.dir.unlisted == b"gone"
+    monkeypatch.setattr(pyfuse3, "readdir_reply", fake_readdir_reply)
+    token = FakeToken(room=10)
+    call(ops.readdir, fh, 0, token)
+    assert [name for name, _ in token.accepted] == [b".", b"..", b"z", b"gone", b"a"]  # newest first
+    assert gone.lookups == 2 and gone.dir.unlisted == b"gone"
+    assert fuse_errno(ops.getattr, entry.st_ino, CTX) == errno.EIO
+    assert gone.lookups == 2
+    a = call(ops.getattr, call(ops.lookup, ROOT_INO, b"a", CTX).st_ino, CTX)  # listed now: cached a day
+    assert a.attr_timeout == CACHE_TIMEOUT and a.st_nlink == 2 and a.st_size == 40
+    call(ops.releasedir, fh)
 
 
 # --- negative entries --------------------------------------------------------------

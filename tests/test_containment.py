@@ -228,7 +228,7 @@ def write_through_mount(path: Path, offset: int, data: bytes) -> None:
 # access answered EIO after); the traceback when the lease cannot be queried.
 PAGES_LOST = r"^mmfs ERROR mmfs\.content: no room in memory for the pages written to a lower file .* answers EIO"
 ANSWERED_EIO = r"^mmfs WARNING mmfs\.fs: backing storage failed, answering EIO: .*pages written to this lower file"
-LEASE_QUERY_FAILED = r"(?s)^mmfs ERROR mmfs\.content: cannot query the lease .*OSError: \[Errno 5\] injected F_GETLEASE"
+LEASE_QUERY_FAILED = r"(?s)^mmfs ERROR mmfs\.maps: cannot query the lease .*OSError: \[Errno 5\] injected F_GETLEASE"
 
 
 @pytest.mark.parametrize("fault", ["no room for the pages", "lease query fails"])
