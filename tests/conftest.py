@@ -1,5 +1,7 @@
 """Shared fixtures: real mmfs mounts, kernel tmpfs mounts (the oracle), cleanup;
-and the two guards every test runs under.
+and the two guards every test runs under.  (Helpers that are not about mounts
+or daemons -- system calls, errno answers, tree snapshots, the differential
+engine -- are in the ``support`` package.)
 
 A mount fixture starts the daemon in the foreground with its log captured,
 waits for the mount, fails fast if the daemon died, and on teardown unmounts
@@ -309,14 +311,22 @@ def mnt(mmfs_factory) -> Path:  # type: ignore[no-untyped-def]
     return mmfs_factory().path  # type: ignore[no-any-return]
 
 
+@contextmanager
+def mounted_kernel_tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A kernel tmpfs mounted with ``options`` on ``path`` (made here), unmounted after."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "oracle", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 @pytest.fixture
 def kernel_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A fresh kernel tmpfs: the oracle."""
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,mode=1777", "oracle", str(path)], check=True)
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
+    with mounted_kernel_tmpfs(tmp_path / "tmpfs", "size=1g,mode=1777") as path:
+        yield path
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support.trees import snapshot
 
 NOBODY = 65534
 UMASKS = (0o022, 0o077, 0o722)
@@ -54,12 +55,9 @@ def acls(root: Path) -> dict[str, str]:
 
 
 def modes(root: Path) -> dict[str, str]:
-    found = {}
-    for directory, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(directory, name)
-            found[str(path.relative_to(root))] = stat.filemode(os.lstat(path).st_mode)
-    return found
+    """ls -l's mode of every entry under ``root``, by relative path."""
+    tree = snapshot(root, stats=("mode",), target=False, xattrs=False)
+    return {os.fsdecode(rel): stat.filemode(int(entry["mode"], 8)) for rel, entry in tree.items() if rel}
 
 
 def make(name: str, kind: str, mode: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount
+from conftest import Mount, mounted_kernel_tmpfs
 
 OPTIONS = [
     "relatime", "norelatime", "strictatime", "nostrictatime", "noatime", "atime", "diratime", "nodiratime",
@@ -89,13 +89,8 @@ def atime_updates(root: Path) -> dict[str, bool]:
 
 def oracle_updates(tmp_path: Path, option: str) -> dict[str, bool]:
     """``atime_updates`` on a kernel tmpfs mounted with ``option``."""
-    path = tmp_path / "oracle"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64m,{option}", "oracle", str(path)], check=True)
-    try:
+    with mounted_kernel_tmpfs(tmp_path / "oracle", f"size=64m,{option}") as path:
         return atime_updates(path)
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -15,11 +15,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.syscalls import AT_EMPTY_PATH, AT_FDCWD, check, errno_of, libc
 
-libc = ctypes.CDLL(None, use_errno=True)
 FS_IOC_GETFLAGS = 0x80086601
 SYS_OPEN_TREE, SYS_MOUNT_SETATTR = 428, 442
-OPEN_TREE_CLONE, AT_RECURSIVE, AT_EMPTY_PATH, MOUNT_ATTR_IDMAP = 1, 0x8000, 0x1000, 0x100000
+OPEN_TREE_CLONE, AT_RECURSIVE, MOUNT_ATTR_IDMAP = 1, 0x8000, 0x100000
 SEEK_DATA, SEEK_HOLE = 3, 4
 
 
@@ -27,8 +27,7 @@ def fallocate_errno(path: Path) -> int:
     """fallocate(2) itself (glibc's posix_fallocate would emulate it with writes)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        result = libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(1 << 20))
-        return 0 if result == 0 else ctypes.get_errno()
+        return errno_of(lambda: check(libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(1 << 20)))) or 0
     finally:
         os.close(fd)
 
@@ -44,21 +43,14 @@ def seek_data_after_hole(path: Path) -> tuple[int, int]:
 
 
 def tmpfile_errno(directory: Path) -> int:
-    try:
-        os.close(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600))
-        return 0
-    except OSError as error:
-        return error.errno or 0
+    return errno_of(lambda: os.close(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600))) or 0
 
 
 def getflags_errno(path: Path) -> int:
     path.write_bytes(b"")
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("l", 0))
-        return 0
-    except OSError as error:
-        return error.errno or 0
+        return errno_of(lambda: fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("l", 0))) or 0
     finally:
         os.close(fd)
 
@@ -81,12 +73,12 @@ def idmap_errno(root: Path) -> int:
                 break
             os.sched_yield()
         assert userns >= 0, "no user namespace"
-        tree = libc.syscall(SYS_OPEN_TREE, -100, os.fsencode(root), OPEN_TREE_CLONE | AT_RECURSIVE)
+        tree = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(root), OPEN_TREE_CLONE | AT_RECURSIVE)
         assert tree >= 0, os.strerror(ctypes.get_errno())
         try:
             attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_IDMAP, 0, 0, userns)
-            result = libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, ctypes.sizeof(attr))
-            return 0 if result == 0 else ctypes.get_errno()
+            size = ctypes.sizeof(attr)
+            return errno_of(lambda: check(libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, size))) or 0
         finally:
             os.close(tree)
             os.close(userns)

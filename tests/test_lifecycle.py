@@ -22,12 +22,13 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import pytest
 
-from conftest import Mount, ROOT, is_mounted, mmfs_command, read_uncached, stop_mmfs, wait_for
+from conftest import Mount, ROOT, is_mounted, mmfs_command, mounted_kernel_tmpfs, read_uncached, stop_mmfs, wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
@@ -202,11 +203,12 @@ def run_mmfs(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[byt
 class TmpfsFactory:
     """Mounts of one kind, ``kernel`` tmpfs or ``mmfs``, all unmounted at the end."""
 
-    def __init__(self, kind: str, tmp_path: Path, mmfs_factory: Callable[..., Mount]) -> None:
+    def __init__(self, kind: str, tmp_path: Path, mmfs_factory: Callable[..., Mount], mounts: ExitStack) -> None:
         self.kind = kind
         self.tmp_path = tmp_path
         self.mmfs_factory = mmfs_factory
-        self.kernel_mounts: list[Path] = []
+        self.kernel_mounts = mounts
+        self.made = 0
         self.mmfs_mounts: dict[Path, Mount] = {}
 
     def __call__(self, options: str) -> Path:
@@ -214,16 +216,8 @@ class TmpfsFactory:
             mount = self.mmfs_factory(options=options)
             self.mmfs_mounts[mount.path] = mount
             return mount.path
-        path = self.tmp_path / f"kernel{len(self.kernel_mounts)}"
-        path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "oracle", str(path)], check=True)
-        self.kernel_mounts.append(path)
-        return path
-
-    def close(self) -> None:
-        for path in self.kernel_mounts:
-            if is_mounted(path):
-                subprocess.run(["umount", str(path)], check=True)
+        self.made += 1
+        return self.kernel_mounts.enter_context(mounted_kernel_tmpfs(self.tmp_path / f"kernel{self.made}", options))
 
 
 @pytest.fixture(params=["kernel", "mmfs"])
@@ -231,11 +225,8 @@ def tmpfs(
     request: pytest.FixtureRequest, tmp_path: Path, mmfs_factory: Callable[..., Mount]
 ) -> Iterator[TmpfsFactory]:
     """Call with an options string to get a mounted kernel tmpfs or mmfs."""
-    factory = TmpfsFactory(request.param, tmp_path, mmfs_factory)
-    try:
-        yield factory
-    finally:
-        factory.close()
+    with ExitStack() as kernel_mounts:
+        yield TmpfsFactory(request.param, tmp_path, mmfs_factory, kernel_mounts)
 
 
 # --- 1. background mode -------------------------------------------------------

@@ -38,7 +38,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Mount, is_mounted, mmfs_command, read_uncached, start_mmfs, stop_mmfs, wait_for
+from conftest import (
+    ROOT,
+    Mount,
+    is_mounted,
+    mmfs_command,
+    mounted_kernel_tmpfs,
+    read_uncached,
+    start_mmfs,
+    stop_mmfs,
+    wait_for,
+)
+from support.syscalls import errno_of
+from support.trees import Tree, file_digest, join, scan, snapshot
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 KiB = 1 << 10
@@ -80,60 +92,22 @@ def read_at(path: Path, offset: int, length: int) -> bytes:
         return file.read(length)
 
 
-def errno_of(action: Callable[[], object]) -> int | None:
-    """The errno ``action`` failed with, or None if it succeeded."""
-    try:
-        action()
-    except OSError as error:
-        return error.errno
-    return None
-
-
-def walk_noatime(root: Path) -> list[Path]:
-    """Every path under ``root`` (and root), listed without touching an access time."""
-    found = [root]
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOATIME)
-    try:
-        names = sorted(os.listdir(fd))
-    finally:
-        os.close(fd)
-    for name in names:
-        path = root / name
-        found.extend(walk_noatime(path) if stat.S_ISDIR(path.lstat().st_mode) else [path])
-    return found
-
-
-def read_noatime(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
-    try:
-        chunks = []
-        while chunk := os.read(fd, MiB):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def arm_atimes(root: Path) -> None:
     """Set every atime before its mtime, so that any read (relatime) would move it."""
-    for path in walk_noatime(root):
-        st = path.lstat()
+    for rel in scan(root):
+        path = join(root, rel)
+        st = os.lstat(path)
         os.utime(path, ns=(st.st_mtime_ns - 10**9, st.st_mtime_ns), follow_symlinks=False)
 
 
-def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """Every name under ``root``: type, mode, owner, size, links, inode, times, content hash.
+def tree_snapshot(root: Path) -> Tree:
+    """Every name under ``root``: type, mode, owner, size, links, inode, times, content hash, xattrs.
 
     Taken without touching an access time (symlink targets are compared apart:
     readlink always touches one).
     """
-    snapshot: dict[str, tuple[object, ...]] = {}
-    for path in walk_noatime(root):
-        st = path.lstat()
-        digest = sha(read_noatime(path)) if stat.S_ISREG(st.st_mode) else None
-        snapshot[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
-                                                 st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_atime_ns, digest)
-    return snapshot
+    stats = ("mode", "uid", "gid", "size", "nlink", "ino", "mtime_ns", "ctime_ns", "atime_ns")
+    return snapshot(root, stats=stats, content=file_digest, target=False)
 
 
 def daemon_private_bytes(pid: int) -> int:
@@ -656,10 +630,7 @@ def test_reading_a_modified_2gib_lower_file_keeps_the_daemon_small(
 
     LOWERDIR is a kernel tmpfs holding 2 GiB of real data (a sparse file would
     map the zero page and show nothing)."""
-    lower = tmp_path / "lowerfs"
-    lower.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2200m", "lower", str(lower)], check=True)
-    try:
+    with mounted_kernel_tmpfs(tmp_path / "lowerfs", "size=2200m") as lower:
         block = os.urandom(MiB)
         size = 2 * GiB
         with open(lower / "big", "wb") as big:
@@ -698,8 +669,6 @@ def test_reading_a_modified_2gib_lower_file_keeps_the_daemon_small(
             for offset in written:
                 big.seek(offset // MiB * MiB)
                 assert big.read(MiB) == pattern_mib(offset // MiB, block)
-    finally:
-        subprocess.run(["umount", str(lower)], check=True)
 
 
 # --- 6. scale ---------------------------------------------------------------

@@ -55,6 +55,8 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from conftest import Mount, check_daemon_log, is_mounted, read_uncached, start_mmfs, stop_mmfs, wait_for
+from support.syscalls import outcome
+from support.trees import Tree, file_digest, snapshot
 
 PAGE = mmap.PAGESIZE
 KiB = 1 << 10
@@ -445,14 +447,6 @@ def det_bytes(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def outcome(action: Callable[[], Any]) -> Any:
-    """What ``action`` returned, or the name of the errno it failed with."""
-    try:
-        return action()
-    except OSError as error:
-        return errno.errorcode.get(error.errno, str(error.errno)) if error.errno else repr(error)
-
-
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -477,14 +471,9 @@ def assert_serving(mount: Mount) -> None:
     probe.unlink()
 
 
-def lower_snapshot(lower: Path) -> dict[str, tuple[int, int, int, int, str]]:
-    """(mode, uid, size, mtime, content hash) of every path in LOWERDIR."""
-    snapshot = {}
-    for path in [lower, *sorted(lower.rglob("*"))]:
-        st = path.lstat()
-        digest = sha(path.read_bytes()) if stat.S_ISREG(st.st_mode) else ""
-        snapshot[str(path.relative_to(lower))] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, digest)
-    return snapshot
+def lower_snapshot(lower: Path) -> Tree:
+    """Mode, owner, size, mtime, content hash, symlink target and xattrs of every path in LOWERDIR."""
+    return snapshot(lower, stats=("mode", "uid", "size", "mtime_ns"), content=file_digest)
 
 
 # --- the two modes ----------------------------------------------------------------
@@ -509,7 +498,7 @@ class Target:
     def __init__(self, mode: str, tmp_path: Path, factory: Factory) -> None:
         self.mode, self.tmp_path, self.factory = mode, tmp_path, factory
         self.lower: Optional[Path] = None
-        self.snapshot: dict[str, tuple[int, int, int, int, str]] = {}
+        self.snapshot: Tree = {}
         self.fresh: Optional[os.statvfs_result] = None  # statvfs of the just-mounted filesystem
         self.expected: dict[str, bytes] = {}  # contents after CHANGES
 

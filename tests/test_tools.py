@@ -9,7 +9,6 @@ done on a kernel tmpfs, the oracle.  Nothing here uses the network.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import random
@@ -17,12 +16,12 @@ import re
 import stat
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
+from conftest import wait_for
+from support.trees import compare_trees, join, scan, snapshot
 
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20
@@ -141,85 +140,25 @@ def build_tree(root: Path, files: int = 300, seed: int = 1) -> None:
 
 
 # --- comparing trees -----------------------------------------------------------
+# What two copies of a tree must agree on: modes, owners, link counts, sizes,
+# rdev, contents, link targets, xattrs and hard-link grouping, and mtimes (not
+# a symlink's, nor the root's: the tools leave those as they find them).
+TREE_STATS = ("mode", "uid", "gid", "nlink", "size", "rdev", "mtime_ns")
 
 
-@dataclass(frozen=True)
-class Entry:
-    """What two copies of one path must agree on."""
-
-    mode: int
-    uid: int
-    gid: int
-    nlink: int
-    size: int
-    rdev: int
-    mtime_ns: Optional[int]
-    digest: str
-    target: str
-    xattrs: tuple[tuple[str, bytes], ...]
-
-
-def describe(path: Path, times: bool = True) -> Entry:
-    st = os.lstat(path)
-    digest = target = ""
-    if stat.S_ISREG(st.st_mode):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    elif stat.S_ISLNK(st.st_mode):
-        target = os.readlink(path)
-    xattrs: tuple[tuple[str, bytes], ...] = ()
-    if not stat.S_ISLNK(st.st_mode):
-        names = sorted(os.listxattr(path, follow_symlinks=False))
-        xattrs = tuple((name, os.getxattr(path, name, follow_symlinks=False)) for name in names)
-    mtime = st.st_mtime_ns if times and not stat.S_ISLNK(st.st_mode) else None
-    return Entry(
-        st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size, st.st_rdev, mtime, digest, target, xattrs
-    )
-
-
-def walk(root: Path) -> list[Path]:
-    """Every path under root (not root itself), without following symlinks."""
-    out: list[Path] = []
-    for directory, subdirs, files in os.walk(root):
-        out.extend(Path(directory) / name for name in subdirs + files)
-    return sorted(out)
-
-
-def snapshot(root: Path, times: bool = True) -> dict[str, Entry]:
-    """Relative path -> Entry for a whole tree (the root's own mode too)."""
-    tree = {str(path.relative_to(root)): describe(path, times) for path in walk(root)}
-    tree["."] = describe(root, times=False)
-    return tree
-
-
-def hardlink_groups(root: Path) -> set[frozenset[str]]:
-    """Sets of relative paths that name one inode."""
-    groups: dict[int, set[str]] = {}
-    for path in walk(root):
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-            groups.setdefault(st.st_ino, set()).add(str(path.relative_to(root)))
-    return {frozenset(group) for group in groups.values()}
-
-
-def assert_same_tree(expected_root: Path, actual_root: Path, times: bool = True) -> None:
+def assert_same_tree(expected_root: Path, actual_root: Path) -> None:
     """Require two trees to agree path by path, listing every difference."""
-    expected, actual = snapshot(expected_root, times), snapshot(actual_root, times)
-    problems = [f"missing: {name}" for name in sorted(expected.keys() - actual.keys())]
-    problems += [f"unexpected: {name}" for name in sorted(actual.keys() - expected.keys())]
-    for name in sorted(expected.keys() & actual.keys()):
-        if expected[name] != actual[name]:
-            fields = [
-                f"{field}: {getattr(expected[name], field)!r} != {getattr(actual[name], field)!r}"
-                for field in Entry.__dataclass_fields__
-                if getattr(expected[name], field) != getattr(actual[name], field)
-            ]
-            problems.append(f"{name}: " + "; ".join(fields))
-    assert not problems, f"{expected_root} vs {actual_root}:\n" + "\n".join(problems[:50])
-    assert hardlink_groups(expected_root) == hardlink_groups(actual_root)
+
+    def skip(rel: bytes, key: str) -> bool:
+        return key == "mtime_ns" and (rel == b"" or os.path.islink(join(expected_root, rel)))
+
+    label = f"{expected_root} vs {actual_root}"
+    compare_trees(expected_root, actual_root, label, stats=TREE_STATS, skip=skip, labels=("expected", "actual"))
 
 
-def blocks_by_path(root: Path) -> dict[str, int]:
-    return {str(path.relative_to(root)): os.lstat(path).st_blocks for path in walk(root)}
+def blocks_by_path(root: Path) -> dict[bytes, int]:
+    tree = snapshot(root, stats=("blocks",), target=False, xattrs=False)
+    return {rel: entry["blocks"] for rel, entry in tree.items() if rel}
 
 
 # --- 1. tar ------------------------------------------------------------------
@@ -287,7 +226,8 @@ def test_rsync_to_and_from_the_mount(mnt: Path, kernel_tmpfs: Path) -> None:
     assert_same_tree(source, back)
     # an incremental update through the mount: change, add, delete
     (source / "dir00" / "new-file").write_bytes(b"new\n")
-    victim = next(path for path in walk(source) if path.name.endswith(".bin") and path.stat().st_nlink == 1)
+    singles = [rel for rel in scan(source) if rel.endswith(b".bin") and os.lstat(join(source, rel)).st_nlink == 1]
+    victim = source / os.fsdecode(singles[0])
     victim.unlink()
     for directory in (source / "dir00", victim.parent):  # rsync skips same-second mtimes
         os.utime(directory, ns=(1_450_000_000_000_000_042, 1_450_000_000_000_000_042))
@@ -709,13 +649,6 @@ def msync_calls(trace: Path) -> list[str]:
     return [line for line in trace.read_text().splitlines() if "msync(" in line]
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_fsync_and_fdatasync_msync_the_arena(mmfs_factory: Callable[..., Any], tmp_path: Path) -> None:
     """fsync(2) and fdatasync(2) on the mount each make the daemon call msync(MS_SYNC)."""
     mount = mmfs_factory()
@@ -727,7 +660,7 @@ def test_fsync_and_fdatasync_msync_the_arena(mmfs_factory: Callable[..., Any], t
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: tracer.poll() is not None or traced_by(pid, tracer.pid), "strace to attach to every thread")
+        assert wait_for(lambda: tracer.poll() is not None or traced_by(pid, tracer.pid)), "strace never attached"
         assert tracer.poll() is None, f"strace exited {tracer.returncode}"
         assert msync_calls(trace) == []
         fd = os.open(mount.path / "synced", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -736,11 +669,11 @@ def test_fsync_and_fdatasync_msync_the_arena(mmfs_factory: Callable[..., Any], t
             os.fsync(fd)
             # strace prints a syscall when it stops at its exit, before the daemon goes
             # on; the daemon answers fsync after its msyncs: they are all written now.
-            wait_for(lambda: len(msync_calls(trace)) > 0, "msync after fsync")
+            assert wait_for(lambda: len(msync_calls(trace)) > 0), "no msync after fsync"
             after_fsync = len(msync_calls(trace))
             os.write(fd, b"y")
             os.fdatasync(fd)
-            wait_for(lambda: len(msync_calls(trace)) > after_fsync, "msync after fdatasync")
+            assert wait_for(lambda: len(msync_calls(trace)) > after_fsync), "no msync after fdatasync"
         finally:
             os.close(fd)
     finally:
@@ -759,10 +692,10 @@ def traced_msyncs(pid: int, trace: Path, action: Callable[[], None], expect_call
     tracer = subprocess.Popen(["strace", "-f", "-e", "trace=msync", "-p", str(pid), "-o", str(trace)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: tracer.poll() is not None or traced_by(pid, tracer.pid), "strace to attach to every thread")
+        assert wait_for(lambda: tracer.poll() is not None or traced_by(pid, tracer.pid)), "strace never attached"
         assert tracer.poll() is None, f"strace exited {tracer.returncode}"
         action()
-        wait_for(lambda: len(msync_calls(trace)) >= expect_calls, f"{expect_calls} msyncs")
+        assert wait_for(lambda: len(msync_calls(trace)) >= expect_calls), f"fewer than {expect_calls} msyncs"
     finally:
         tracer.terminate()
         tracer.wait(timeout=10)

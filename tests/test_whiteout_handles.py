@@ -11,21 +11,27 @@ kernel dropped its caches, as on tmpfs, and a freed file's handle is ESTALE.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
-AT_FDCWD = -100
-HANDLE_MAX = 128
+from conftest import mounted_kernel_tmpfs
+from support.syscalls import (
+    AT_FDCWD,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    attempt,
+    check,
+    errno_name,
+    libc,
+    renameat2,
+)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+HANDLE_MAX = 128
 
 
 class FileHandle(ctypes.Structure):
@@ -36,43 +42,26 @@ class FileHandle(ctypes.Structure):
     ]
 
 
-def renameat2(old: str, new: str, flags: int) -> str:
-    """'ok' or the errno's name (paths as strings: pathlib drops "." components)."""
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        return errno.errorcode[ctypes.get_errno()]
-    return "ok"
+def rename_answer(old: str, new: str, flags: int) -> str:
+    """renameat2: 'ok' or the errno's name (paths as strings: pathlib drops "." components)."""
+    status, value = attempt(lambda: renameat2(old, new, flags))
+    return "ok" if status == "ok" else str(value)
 
 
 def name_to_handle(path: Path) -> FileHandle:
     handle, mount_id = FileHandle(handle_bytes=HANDLE_MAX), ctypes.c_int()
-    if _libc.name_to_handle_at(AT_FDCWD, bytes(path), ctypes.byref(handle), ctypes.byref(mount_id), 0) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error), str(path))
+    check(libc.name_to_handle_at(AT_FDCWD, bytes(path), ctypes.byref(handle), ctypes.byref(mount_id), 0), str(path))
     return handle
 
 
 def open_by_handle(mount_fd: int, handle: FileHandle, flags: int = os.O_RDONLY) -> int:
-    fd: int = _libc.open_by_handle_at(mount_fd, ctypes.byref(handle), flags)
-    if fd < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    return fd
+    return check(libc.open_by_handle_at(mount_fd, ctypes.byref(handle), flags))
 
 
 def drop_caches() -> None:
     """Make the kernel drop its unused dentries and inodes (FORGET for FUSE)."""
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3")
-
-
-@contextmanager
-def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "oracle", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def node(path: Path) -> tuple[Any, ...] | None:
@@ -90,7 +79,8 @@ def whiteout_cases(root: Path) -> list[tuple[Any, ...]]:
     results: list[tuple[Any, ...]] = []
 
     def rename(label: str, old: str, new: str, flags: int) -> None:
-        results.append((label, renameat2(f"{root}/{old}", f"{root}/{new}", flags), node(root / old), node(root / new)))
+        answer = rename_answer(f"{root}/{old}", f"{root}/{new}", flags)
+        results.append((label, answer, node(root / old), node(root / new)))
 
     (root / "a").write_bytes(b"a")
     (root / "b").write_bytes(b"b")
@@ -170,7 +160,7 @@ def test_rename_whiteout_needs_no_privilege_and_belongs_to_the_caller(mmfs_facto
 
         def action() -> str:
             Path("mine").write_bytes(b"")
-            return renameat2("mine", "moved", RENAME_WHITEOUT)
+            return rename_answer("mine", "moved", RENAME_WHITEOUT)
 
         results.append((as_nobody(root, action), node(root / "mine"), node(root / "moved")))
     assert results[0] == ("ok", ("c---------", 65534, 65534, 0, 1, 0, 0), ("-rw-r--r--", 65534, 65534, 0, 1, 0, 0))
@@ -185,21 +175,22 @@ def inode_limit_cases(root: Path) -> list[Any]:
         try:
             (root / f"f{count}").write_bytes(b"")
         except OSError as error:
-            results.append(("filled", count, errno.errorcode[error.errno or 0]))
+            results.append(("filled", count, errno_name(error)))
             break
         count += 1
-    results.append(("new name", renameat2(f"{root}/f0", f"{root}/z", RENAME_WHITEOUT), sorted(os.listdir(root))))
-    results.append(("over a file", renameat2(f"{root}/f0", f"{root}/f1", RENAME_WHITEOUT), sorted(os.listdir(root))))
-    results.append(("noreplace", renameat2(f"{root}/f0", f"{root}/f1", RENAME_WHITEOUT | RENAME_NOREPLACE)))
+    results.append(("new name", rename_answer(f"{root}/f0", f"{root}/z", RENAME_WHITEOUT), sorted(os.listdir(root))))
+    over = rename_answer(f"{root}/f0", f"{root}/f1", RENAME_WHITEOUT)
+    results.append(("over a file", over, sorted(os.listdir(root))))
+    results.append(("noreplace", rename_answer(f"{root}/f0", f"{root}/f1", RENAME_WHITEOUT | RENAME_NOREPLACE)))
     os.unlink(root / "f2")
-    results.append(("one free", renameat2(f"{root}/f0", f"{root}/z", RENAME_WHITEOUT), node(root / "f0")))
+    results.append(("one free", rename_answer(f"{root}/f0", f"{root}/z", RENAME_WHITEOUT), node(root / "f0")))
     fs = os.statvfs(root)
     results.append(("statfs", fs.f_files, fs.f_ffree))
     return results
 
 
 def test_rename_whiteout_at_nr_inodes_as_on_kernel_tmpfs(mmfs_factory: Any, tmp_path: Path) -> None:
-    with mounted_tmpfs(tmp_path / "oracle", "nr_inodes=8") as oracle:
+    with mounted_kernel_tmpfs(tmp_path / "oracle", "nr_inodes=8") as oracle:
         expected = inode_limit_cases(oracle)
     assert expected[1][1] == "ENOSPC" and expected[2][1] == "ENOSPC"
     assert inode_limit_cases(mmfs_factory(options="size=1g,nr_inodes=8").path) == expected
@@ -254,7 +245,7 @@ def handle_cases(root: Path) -> list[Any]:
         try:
             fd = open_by_handle(mount_fd, handle, flags)
         except OSError as error:
-            results.append((label, errno.errorcode[error.errno or 0]))
+            results.append((label, errno_name(error)))
             return
         try:
             st = os.fstat(fd)
