@@ -25,35 +25,34 @@ mmfs) decides the answer and mmfs cannot see what happened:
   tmpfs).  So mappings are only written, and a MAP_PRIVATE write only goes
   to a page that write(2) has just filled.
 * lseek(SEEK_END) on a directory (see ``gen_seek``).
+
+The engine (sides, operations, running a sequence on both) is
+``support.differential``, shared with overlay mode (tests/test_overlay.py);
+this module brings tmpfs mode's draw and generator table, and the listing
+order runs of both modes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import errno
-import fcntl
-import hashlib
 import mmap
 import os
 import random
 import stat
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import clock_passes
+from support.differential import Draw, Generators, Op, Ref, Side, operations, run_differential
+from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, check, libc, renameat2
+from support.trees import compare_trees, join, scan
 
 PAGE = mmap.PAGESIZE
-AT_FDCWD = -100
-AT_EMPTY_PATH = 0x1000
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-RENAME_WHITEOUT = 4
 SLOTS = 3  # open file descriptors kept per side, by slot number
 
 NAMES = (b"a", b"b", b"c")
@@ -107,300 +106,15 @@ FILE_MODES = (0o644, 0o600, 0o755, 0o4755, 0o2755, 0o6777, 0o1644, 0o000)
 DIR_MODES = (0o755, 0o777, 0o2775, 0o1777, 0o3755, 0o700)
 IDS = (0, 1000, 65534, -1)
 
-Ref = bytes | int  # a path relative to the mount, or an fd slot
-Result = tuple[str, Any]
-
-
-# --- system calls that os lacks ----------------------------------------------
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-
-
-def renameat2(old: bytes, new: bytes, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, old, AT_FDCWD, new, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def linkat_fd(fd: int, new: bytes) -> None:
-    if _libc.linkat(fd, b"", AT_FDCWD, new, AT_EMPTY_PATH) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()[:12]
-
-
-# --- one filesystem under test -------------------------------------------------
-@dataclass
-class Side:
-    """One mount and the file descriptors a sequence holds open on it."""
-
-    root: bytes
-    fds: dict[int, int] = field(default_factory=dict)
-    opened_as: dict[int, bytes] = field(default_factory=dict)  # slot -> path it was opened by
-
-    def path(self, rel: bytes) -> bytes:
-        return self.root + b"/" + rel if rel else self.root
-
-    def fd(self, slot: int) -> int:
-        return self.fds.get(slot, -1)  # -1: EBADF, the same on both sides
-
-    def ref(self, ref: Ref) -> bytes | int:
-        return self.fd(ref) if isinstance(ref, int) else self.path(ref)
-
-    def close(self, slot: int) -> None:
-        fd = self.fds.pop(slot, None)
-        if fd is not None:
-            os.close(fd)
-
-    def close_all(self) -> None:
-        for slot in list(self.fds):
-            self.close(slot)
-
-
-@dataclass(frozen=True)
-class Op:
-    """One generated operation: a name in OPERATIONS and its arguments."""
-
-    name: str
-    args: tuple[Any, ...]
-
-    def __str__(self) -> str:
-        return f"{self.name}({', '.join(map(short, self.args))})"
-
-
-def short(value: Any) -> str:
-    if isinstance(value, bytes) and len(value) > 24:
-        return f"<{len(value)} bytes {value[:8]!r}... sha1 {digest(value)}>"
-    return repr(value)
-
-
-def summary(st: os.stat_result) -> tuple[str, int, int, int, int, int, int]:
-    """What two filesystems must agree on in a stat: no times, no inode numbers."""
-    return (oct(st.st_mode), st.st_size, st.st_nlink, st.st_uid, st.st_gid, st.st_blocks, st.st_rdev)
-
-
-# --- the operations, each run on one side ------------------------------------
-def op_open(side: Side, slot: int, path: bytes, flags: int, mode: int) -> Any:
-    side.close(slot)
-    # O_NONBLOCK: opening a FIFO must not wait for the other end.
-    fd = os.open(side.path(path), flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
-    side.fds[slot], side.opened_as[slot] = fd, path
-    return summary(os.fstat(fd))
-
-
-def op_close(side: Side, slot: int) -> Any:
-    os.close(side.fds.pop(slot, -1))
-
-
-def op_pwrite(side: Side, slot: int, offset: int, data: bytes) -> Any:
-    return os.pwrite(side.fd(slot), data, offset)
-
-
-def op_write(side: Side, slot: int, data: bytes) -> Any:
-    written = os.write(side.fd(slot), data)
-    return written, os.lseek(side.fd(slot), 0, os.SEEK_CUR)
-
-
-def op_pread(side: Side, slot: int, offset: int, length: int) -> Any:
-    data = os.pread(side.fd(slot), length, offset)
-    return len(data), digest(data)
-
-
-def op_read(side: Side, slot: int, length: int) -> Any:
-    data = os.read(side.fd(slot), length)
-    return len(data), digest(data), os.lseek(side.fd(slot), 0, os.SEEK_CUR)
-
-
-def op_seek(side: Side, slot: int, offset: int, whence: int) -> Any:
-    return os.lseek(side.fd(slot), offset, whence)
-
-
-def op_truncate(side: Side, ref: Ref, size: int) -> Any:
-    os.truncate(side.ref(ref), size)
-
-
-def op_stat(side: Side, ref: Ref, follow: bool) -> Any:
-    return summary(os.stat(side.ref(ref), follow_symlinks=follow))
-
-
-def op_listdir(side: Side, path: bytes) -> Any:
-    return os.listdir(side.path(path))  # in getdents order: the order must match too
-
-
-def op_mkdir(side: Side, path: bytes, mode: int) -> Any:
-    os.mkdir(side.path(path), mode)
-
-
-def op_rmdir(side: Side, path: bytes) -> Any:
-    os.rmdir(side.path(path))
-
-
-def op_unlink(side: Side, path: bytes) -> Any:
-    os.unlink(side.path(path))
-
-
-def op_rename(side: Side, old: bytes, new: bytes, flags: int) -> Any:
-    renameat2(side.path(old), side.path(new), flags)
-
-
-def op_link(side: Side, old: bytes, new: bytes, follow: bool) -> Any:
-    os.link(side.path(old), side.path(new), follow_symlinks=follow)
-
-
-def op_flink(side: Side, slot: int, new: bytes) -> Any:
-    """linkat(fd, "", AT_EMPTY_PATH): a name for an open file; ENOENT once unlinked."""
-    linkat_fd(side.fd(slot), side.path(new))
-
-
-def op_symlink(side: Side, target: bytes, path: bytes) -> Any:
-    os.symlink(target, side.path(path))
-
-
-def op_readlink(side: Side, path: bytes) -> Any:
-    return os.readlink(side.path(path))
-
-
-def op_chmod(side: Side, ref: Ref, mode: int) -> Any:
-    os.chmod(side.ref(ref), mode)
-    return oct(os.stat(side.ref(ref)).st_mode)
-
-
-def op_chown(side: Side, ref: Ref, uid: int, gid: int, follow: bool) -> Any:
-    os.chown(side.ref(ref), uid, gid, follow_symlinks=follow)
-    return summary(os.stat(side.ref(ref), follow_symlinks=follow))
-
-
-def op_utime(side: Side, ref: Ref, times: tuple[int, int], follow: bool) -> Any:
-    """Set both times; are they what stat() then reports?
-
-    Not always: when the path walks through the very symlink whose times were
-    set, the walk itself may update its atime (relatime), to two different
-    "now"s on the two filesystems.  So compare "as set or not", not values.
-    """
-    os.utime(side.ref(ref), ns=times, follow_symlinks=follow)
-    st = os.stat(side.ref(ref), follow_symlinks=follow)
-    return st.st_atime_ns == times[0], st.st_mtime_ns == times[1]
-
-
-def op_setxattr(side: Side, ref: Ref, name: bytes, value: bytes, flags: int, follow: bool) -> Any:
-    os.setxattr(side.ref(ref), name, value, flags, follow_symlinks=follow)
-
-
-def op_getxattr(side: Side, ref: Ref, name: bytes, follow: bool) -> Any:
-    value = os.getxattr(side.ref(ref), name, follow_symlinks=follow)
-    return len(value), digest(value)
-
-
-def op_listxattr(side: Side, ref: Ref, follow: bool) -> Any:
-    return sorted(os.listxattr(side.ref(ref), follow_symlinks=follow))
-
-
-def op_removexattr(side: Side, ref: Ref, name: bytes, follow: bool) -> Any:
-    os.removexattr(side.ref(ref), name, follow_symlinks=follow)
-
-
-def op_mknod(side: Side, path: bytes, kind: str, mode: int) -> Any:
-    if kind == "fifo":
-        os.mkfifo(side.path(path), mode)
-    elif kind == "chr":
-        os.mknod(side.path(path), stat.S_IFCHR | mode, os.makedev(1, 3))
-    else:
-        os.mknod(side.path(path), stat.S_IFREG | mode)
-    return summary(os.lstat(side.path(path)))
-
-
-def mapped_range(fd: int, where: float, data: bytes, one_page: bool) -> tuple[int, int, bytes]:
-    """(file size, offset, data clipped to the file and maybe to one page)."""
-    size = os.fstat(fd).st_size
-    offset = int(where * size)
-    end = min(size, offset + len(data))
-    if one_page:
-        end = min(end, (offset // PAGE + 1) * PAGE)
-    return size, offset, data[: max(0, end - offset)]
-
-
-@contextlib.contextmanager
-def opened_rw(side: Side, ref: Ref) -> Iterator[int]:
-    """The slot's fd as it is, or the path opened O_RDWR for the operation."""
-    if isinstance(ref, int):
-        yield side.fd(ref)
-        return
-    fd = os.open(side.path(ref), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def fill_in_place(fd: int, offset: int, data: bytes) -> None:
-    """pwrite() the bytes already there, O_APPEND or not: the page now holds data."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_APPEND)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-
-
-def op_mmap_shared(side: Side, ref: Ref, where: float, data: bytes) -> Any:
-    """MAP_SHARED write, msync, then read() must see it."""
-    with opened_rw(side, ref) as fd:
-        size, offset, data = mapped_range(fd, where, data, one_page=False)
-        if size == 0:
-            return "empty"
-        with mmap.mmap(fd, size, mmap.MAP_SHARED) as mapping:
-            mapping[offset : offset + len(data)] = data  # write faults only: no hole is read
-            mapping.flush()
-        return len(data), os.pread(fd, len(data), offset) == data
-
-
-def op_mmap_private(side: Side, ref: Ref, where: float, data: bytes) -> Any:
-    """MAP_PRIVATE write: visible in the mapping, never in the file."""
-    with opened_rw(side, ref) as fd:
-        size, offset, data = mapped_range(fd, where, data, one_page=True)
-        if size == 0:
-            return "empty"
-        before = os.pread(fd, len(data), offset)
-        fill_in_place(fd, offset, before)  # see the module docstring
-        with mmap.mmap(fd, size, mmap.MAP_PRIVATE) as mapping:
-            mapping[offset : offset + len(data)] = data
-            seen = mapping[offset : offset + len(data)]
-        return len(data), seen == data, os.pread(fd, len(data), offset) == before
-
-
-OPERATIONS: dict[str, Callable[..., Any]] = {
-    name[3:]: function for name, function in globals().items() if name.startswith("op_")
-}
-
-
-def run(side: Side, op: Op) -> Result:
-    try:
-        return ("ok", OPERATIONS[op.name](side, *op.args))
-    except OSError as error:
-        return ("err", errno_name(error))
-
-
-def errno_name(error: OSError) -> str:
-    return errno.errorcode.get(error.errno or 0, str(error.errno))
-
 
 # --- generating operations --------------------------------------------------
-class Draw(random.Random):
-    """The seeded source of every choice, steered by the oracle's current state.
+class TmpfsDraw(Draw):
+    """Choices steered by the oracle's current state.
 
     Paths are drawn mostly among names that exist (or new names in directories
     that exist) and fd slots mostly among open ones, so that operations
-    collide instead of failing with ENOENT and EBADF.  The state is read from
-    the oracle; since every step's results must match, it is mmfs's state too.
+    collide instead of failing with ENOENT and EBADF.
     """
-
-    def __init__(self, seed: int, oracle: Side) -> None:
-        super().__init__(seed)
-        self.oracle = oracle
 
     def slot(self) -> int:
         slots = sorted(self.oracle.fds)
@@ -493,7 +207,7 @@ class Draw(random.Random):
         return self.randbytes(self.choices((0, 1, 16, PAGE, 65536, 65537), weights=(1, 6, 6, 2, 1, 1))[0])
 
 
-def gen_xattr(d: Draw, name: str) -> Op:
+def gen_xattr(d: TmpfsDraw, name: str) -> Op:
     ref = d.ref()
     follow = d.follow(ref)
     if name == "setxattr":
@@ -504,7 +218,7 @@ def gen_xattr(d: Draw, name: str) -> Op:
     return Op(name, (ref, d.xattr_name(), follow))
 
 
-def gen_acl(d: Draw) -> Op:
+def gen_acl(d: TmpfsDraw) -> Op:
     """Set a POSIX ACL (valid or not) or remove one, present or not."""
     ref = d.ref()
     if d.random() < 0.3:
@@ -512,12 +226,12 @@ def gen_acl(d: Draw) -> Op:
     return Op("setxattr", (ref, d.choice(ACL_NAMES), d.choice(ACL_VALUES), 0, d.follow(ref)))
 
 
-def gen_with_follow(d: Draw, name: str, *args: Any) -> Op:
+def gen_with_follow(d: TmpfsDraw, name: str, *args: Any) -> Op:
     ref = d.ref()
     return Op(name, (ref, *args, d.follow(ref)))
 
 
-def gen_seek(d: Draw) -> Op:
+def gen_seek(d: TmpfsDraw) -> Op:
     """lseek; never SEEK_END on a directory.
 
     Left out: the kernel answers lseek on a FUSE directory itself
@@ -530,7 +244,7 @@ def gen_seek(d: Draw) -> Op:
     return Op("seek", (slot, d.offset(), whence))
 
 
-def gen_rename(d: Draw) -> Op:
+def gen_rename(d: TmpfsDraw) -> Op:
     whiteout = RENAME_WHITEOUT  # alone, with RENAME_NOREPLACE, and with RENAME_EXCHANGE (EINVAL)
     flags = d.choices(
         (0, RENAME_NOREPLACE, RENAME_EXCHANGE, 3, whiteout, whiteout | 1, whiteout | 2), weights=(6, 2, 3, 1, 2, 1, 1)
@@ -538,17 +252,22 @@ def gen_rename(d: Draw) -> Op:
     return Op("rename", (d.path_or_dot(), d.open_path(), flags))
 
 
-def gen_mknod(d: Draw) -> Op:
+def gen_mknod(d: TmpfsDraw) -> Op:
     kind = d.choice(("fifo", "fifo", "chr", "reg"))
     return Op("mknod", (d.path(), kind, d.choice((0o644, 0o600, 0o666))))
 
 
-def gen_mmap(d: Draw, name: str) -> Op:
+def gen_mmap(d: TmpfsDraw, name: str) -> Op:
     ref = d.slot() if d.random() < 0.7 else d.path()
     return Op(name, (ref, d.random(), d.randbytes(d.randrange(1, 2 * PAGE))))
 
 
-GENERATORS: list[tuple[int, Callable[[Draw], Op]]] = [
+def gen_symlink(d: TmpfsDraw) -> Op:
+    target = d.choice(SYMLINK_TARGETS)  # drawn before the path
+    return Op("symlink", (d.path(), target))
+
+
+GENERATORS: Generators[TmpfsDraw] = [
     (14, lambda d: Op("open", (d.free_slot(), d.path(), d.open_flags(), d.choice(FILE_MODES)))),
     (4, lambda d: Op("close", (d.slot(),))),
     (10, lambda d: Op("pwrite", (d.slot(), d.offset(), d.data()))),
@@ -566,7 +285,7 @@ GENERATORS: list[tuple[int, Callable[[Draw], Op]]] = [
     (10, gen_rename),
     (4, lambda d: Op("link", (d.path(), d.path(), d.random() < 0.5))),
     (3, lambda d: Op("flink", (d.slot(), d.path()))),
-    (4, lambda d: Op("symlink", (d.choice(SYMLINK_TARGETS), d.path()))),
+    (4, gen_symlink),
     (2, lambda d: Op("readlink", (d.path(),))),
     (4, lambda d: Op("chmod", (d.ref(), d.choice(FILE_MODES + DIR_MODES)))),
     (3, lambda d: gen_with_follow(d, "chown", d.choice(IDS), d.choice(IDS))),
@@ -584,80 +303,9 @@ GENERATORS: list[tuple[int, Callable[[Draw], Op]]] = [
 
 def existing(root: bytes) -> tuple[list[bytes], list[bytes]]:
     """(every name, every directory not too deep) under root, relative."""
-    paths = all_paths(root)[1:]
+    paths = scan(root)[1:]
     dirs = [b""] + [path for path in paths if path.count(b"/") < 3 and os.path.isdir(os.path.join(root, path))]
     return paths, dirs
-
-
-def generate(seed: int, count: int, oracle: Side) -> Iterator[Op]:
-    draw = Draw(seed, oracle)
-    weights = [weight for weight, _ in GENERATORS]
-    for _ in range(count):
-        yield draw.choices(GENERATORS, weights=weights)[0][1](draw)
-
-
-# --- final trees ----------------------------------------------------------------
-def all_paths(root: bytes) -> list[bytes]:
-    """Every name under root, relative, root itself as b""; symlinks not followed."""
-    paths = [b""]
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        rel = os.path.relpath(dirpath, root)
-        prefix = b"" if rel == b"." else rel + b"/"
-        paths += [prefix + name for name in dirnames + filenames]
-    return sorted(paths)
-
-
-def xattrs(path: bytes) -> list[tuple[str, str]]:
-    """(name, digest of the value or the errno reading it), sorted by name."""
-    return [(name, xattr_digest(path, name)) for name in sorted(os.listxattr(path, follow_symlinks=False))]
-
-
-def xattr_digest(path: bytes, name: str) -> str:
-    try:
-        return digest(os.getxattr(path, name, follow_symlinks=False))
-    except OSError as error:  # listed but unreadable: that is a difference too
-        return errno_name(error)
-
-
-def describe(path: bytes) -> dict[str, Any]:
-    st = os.lstat(path)
-    info: dict[str, Any] = {"stat": summary(st), "xattrs": xattrs(path)}
-    if stat.S_ISREG(st.st_mode):
-        info["content"] = file_digest(path)
-    elif stat.S_ISLNK(st.st_mode):
-        info["target"] = os.readlink(path)
-    return info
-
-
-def file_digest(path: bytes) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha1").hexdigest()[:12]
-
-
-def snapshot(root: bytes) -> dict[bytes, dict[str, Any]]:
-    return {rel: describe(os.path.join(root, rel) if rel else root) for rel in all_paths(root)}
-
-
-def link_groups(root: bytes) -> set[frozenset[bytes]]:
-    """Names grouped by inode, within one filesystem."""
-    groups: dict[int, set[bytes]] = {}
-    for rel in all_paths(root):
-        st = os.lstat(os.path.join(root, rel) if rel else root)
-        groups.setdefault(st.st_ino, set()).add(rel)
-    return {frozenset(names) for names in groups.values()}
-
-
-def compare_trees(oracle: bytes, subject: bytes, seed: int) -> None:
-    want, got = snapshot(oracle), snapshot(subject)
-    problems = [f"only on tmpfs: {p!r}" for p in sorted(want.keys() - got.keys())]
-    problems += [f"only on mmfs: {p!r}" for p in sorted(got.keys() - want.keys())]
-    for path in sorted(want.keys() & got.keys()):
-        for key in sorted(want[path].keys() | got[path].keys()):
-            if want[path].get(key) != got[path].get(key):
-                problems.append(f"{path!r} {key}: tmpfs {want[path].get(key)} mmfs {got[path].get(key)}")
-    if link_groups(oracle) != link_groups(subject):
-        problems.append(f"hard links: tmpfs {link_groups(oracle)} mmfs {link_groups(subject)}")
-    assert not problems, f"seed {seed}: final trees differ:\n" + "\n".join(problems[:40])
 
 
 # --- the random test --------------------------------------------------------
@@ -665,24 +313,11 @@ SEEDS = range(16)
 STEPS = 400
 
 
-def mismatch(seed: int, step: int, history: list[Op], want: Result, got: Result) -> str:
-    recent = "\n".join(f"    {i}: {op}" for i, op in enumerate(history) if i >= len(history) - 8)
-    return f"seed {seed} step {step}: {history[-1]}\n  tmpfs: {want}\n  mmfs:  {got}\n  last operations:\n{recent}"
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_operations_match_tmpfs(seed: int, kernel_tmpfs: Path, mnt: Path) -> None:
-    oracle, subject = Side(bytes(kernel_tmpfs)), Side(bytes(mnt))
-    history: list[Op] = []
-    try:
-        for step, op in enumerate(generate(seed, STEPS, oracle)):
-            history.append(op)
-            want, got = run(oracle, op), run(subject, op)
-            assert want == got, mismatch(seed, step, history, want, got)
-    finally:
-        oracle.close_all()
-        subject.close_all()
-    compare_trees(oracle.root, subject.root, seed)
+    oracle, subject = Side(kernel_tmpfs), Side(mnt)
+    run_differential(oracle, subject, operations(TmpfsDraw(seed, oracle), GENERATORS, STEPS), seed)
+    compare_trees(oracle.root, subject.root, f"seed {seed}")
 
 
 # --- timestamps ---------------------------------------------------------------
@@ -805,56 +440,52 @@ ORDER_SEEDS = range(6)
 ORDER_STEPS = 300
 
 
-def listings(root: bytes) -> dict[bytes, list[bytes]]:
+def listings(root: Path | bytes) -> dict[bytes, list[bytes]]:
     """Every directory under root (relative) with its names in getdents order."""
     out = {}
-    for rel in all_paths(root):
-        path = os.path.join(root, rel) if rel else root
+    for rel in scan(root):
+        path = join(root, rel)
         if stat.S_ISDIR(os.lstat(path).st_mode):
             out[rel] = os.listdir(path)
     return out
 
 
-def order_op(rng: random.Random, oracle: bytes) -> Op:
-    """A random create, mkdir, unlink, rmdir, rename (every flag), link or symlink."""
-    _, dirs = existing(oracle)
+class OrderDraw(Draw):
+    """Paths among ORDER_NAMES in the oracle's directories."""
 
-    def path() -> bytes:
-        parent, name = rng.choice(dirs), rng.choice(ORDER_NAMES + ORDER_DIRS[:2])
+    dirs: list[bytes]
+
+    def prepare(self) -> None:
+        _, self.dirs = existing(self.oracle.root)
+
+    def path(self) -> bytes:
+        parent, name = self.choice(self.dirs), self.choice(ORDER_NAMES + ORDER_DIRS[:2])
         return parent + b"/" + name if parent else name
 
-    kind = rng.choices(("create", "mkdir", "unlink", "rmdir", "rename", "link", "symlink"), (6, 2, 4, 1, 8, 4, 1))[0]
-    if kind == "create":
-        return Op("mknod", (path(), "reg", 0o644))
-    if kind == "mkdir":
-        return Op("mkdir", (path(), 0o755))
-    if kind in ("unlink", "rmdir"):
-        return Op(kind, (path(),))
-    if kind == "rename":
-        return Op("rename", (path(), path(), rng.choices((0, RENAME_NOREPLACE, RENAME_EXCHANGE), (5, 1, 3))[0]))
-    if kind == "link":
-        return Op("link", (path(), path(), False))
-    return Op("symlink", (b"a", path()))
+
+# Creates, mkdirs, unlinks, rmdirs, renames (every flag), links and symlinks.
+RENAME_FLAGS = (0, RENAME_NOREPLACE, RENAME_EXCHANGE)
+ORDER_GENERATORS: Generators[OrderDraw] = [
+    (6, lambda d: Op("mknod", (d.path(), "reg", 0o644))),
+    (2, lambda d: Op("mkdir", (d.path(), 0o755))),
+    (4, lambda d: Op("unlink", (d.path(),))),
+    (1, lambda d: Op("rmdir", (d.path(),))),
+    (8, lambda d: Op("rename", (d.path(), d.path(), d.choices(RENAME_FLAGS, (5, 1, 3))[0]))),
+    (4, lambda d: Op("link", (d.path(), d.path(), False))),
+    (1, lambda d: Op("symlink", (d.path(), b"a"))),
+]
 
 
 def compare_order(oracle: Side, subject: Side, seed: int, label: str) -> None:
     """Same results at every step, and after every step the same listing order."""
-    rng = random.Random(seed)
-    history: list[Op] = []
-    want_lists, got_lists = listings(oracle.root), listings(subject.root)
-    assert want_lists == got_lists, f"{label}: listings differ before any change"
-    for step in range(ORDER_STEPS):
-        op = order_op(rng, oracle.root)
-        history.append(op)
-        want, got = run(oracle, op), run(subject, op)
-        assert want == got, mismatch(seed, step, history, want, got)
-        want_lists, got_lists = listings(oracle.root), listings(subject.root)
-        assert want_lists == got_lists, mismatch(seed, step, history, ("ok", want_lists), ("ok", got_lists))
+    assert listings(oracle.root) == listings(subject.root), f"{label}: listings differ before any change"
+    ops = operations(OrderDraw(seed, oracle), ORDER_GENERATORS, ORDER_STEPS)
+    run_differential(oracle, subject, ops, seed, state=lambda side: listings(side.root))
 
 
 @pytest.mark.parametrize("seed", ORDER_SEEDS)
 def test_listing_order_matches_tmpfs(seed: int, kernel_tmpfs: Path, mnt: Path) -> None:
-    oracle, subject = Side(bytes(kernel_tmpfs)), Side(bytes(mnt))
+    oracle, subject = Side(kernel_tmpfs), Side(mnt)
     for side in (oracle, subject):
         for directory in ORDER_DIRS:
             os.mkdir(side.path(directory))
@@ -888,25 +519,22 @@ def test_overlay_listing_order_matches_a_tmpfs_copy(
     lower = tmp_path / "lower"
     build_order_lower(lower, seed)
     subprocess.run(["cp", "-a", f"{lower}/.", f"{kernel_tmpfs}/"], check=True)
-    before = listings(bytes(lower))
+    before = listings(lower)
     mount = mmfs_factory("overlay", str(lower), options="size=64m")
-    compare_order(Side(bytes(kernel_tmpfs)), Side(bytes(mount.path)), seed, "overlay mode")
-    assert listings(bytes(lower)) == before
+    compare_order(Side(kernel_tmpfs), Side(mount.path), seed, "overlay mode")
+    assert listings(lower) == before
 
 
 # getdents64(2): struct linux_dirent64 {u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[];}
-_libc.getdents64.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-_libc.getdents64.restype = ctypes.c_ssize_t
+libc.getdents64.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+libc.getdents64.restype = ctypes.c_ssize_t
 DIRENT_HEADER = struct.Struct("<QqHB")
 
 
 def getdents(fd: int, size: int) -> list[bytes]:
     """One getdents64 call with a buffer of ``size`` bytes: the names it returned."""
     buffer = ctypes.create_string_buffer(size)
-    count = _libc.getdents64(fd, buffer, size)
-    if count < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    count = check(libc.getdents64(fd, buffer, size))
     names, pos, raw = [], 0, buffer.raw[:count]
     while pos < count:
         _, _, reclen, _ = DIRENT_HEADER.unpack_from(raw, pos)
