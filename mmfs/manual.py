@@ -97,7 +97,8 @@ UNMOUNT = (
 LOGGING = (
     f"In the foreground the daemon logs to stderr. In the background it logs to the file of log=, "
     f"else to syslog, else (no /dev/log, as in most containers) to {ROOT_LOG} when run by root and "
-    f"to {USER_LOG} otherwise. Crash reports and stack dumps (kill -USR1 PID) go to the same place."
+    f"to {USER_LOG} otherwise. Crash reports and stack dumps (kill -USR1 PID) go to the same place, "
+    "and so do the requests served so far by kind (kill -USR2 PID; also logged at unmount)."
 )
 
 FSYNC = (
