@@ -574,11 +574,14 @@ class Filesystem:
             raise FsError(errno.EBADF) from None
 
     def _file(self, fh: int) -> Inode:
-        return self.inodes[self.handle(fh).ino]
+        """The regular file a handle is open on (EISDIR for a directory's)."""
+        inode = self.inodes[self.handle(fh).ino]
+        self._check_contents(inode)
+        return inode
 
     def read(self, fh: int, offset: int, length: int) -> Buffer:
         handle = self.handle(fh)
-        inode = self.inodes[handle.ino]
+        inode = self._file(fh)
         assert inode.content is not None
         if offset < 0:
             raise FsError(errno.EINVAL)

@@ -316,7 +316,11 @@ def test_model_errors_come_back_with_their_errno(ops: Operations, caplog: pytest
     """FsError becomes FUSEError with the same errno, and is an answer, not a bug: nothing is logged."""
     directory = call(ops.mkdir, ROOT_INO, b"dir", 0o755, CTX).st_ino
     file_ino = new_file(ops, b"file", parent=directory)
+    dir_fh = call(ops.opendir, directory, CTX)
     cases: list[tuple[int, Callable[..., Awaitable[Any]], tuple[Any, ...]]] = [
+        (errno.EISDIR, ops.read, (dir_fh, 0, 1)),  # a directory's handle (the kernel never sends this)
+        (errno.EISDIR, ops.write, (dir_fh, 0, b"x")),
+        (errno.EISDIR, ops.fsync, (dir_fh, False)),
         (errno.ENOENT, ops.unlink, (ROOT_INO, b"missing", CTX)),
         (errno.EEXIST, ops.mkdir, (ROOT_INO, b"dir", 0o755, CTX)),
         (errno.ENOTEMPTY, ops.rmdir, (ROOT_INO, b"dir", CTX)),
@@ -336,6 +340,7 @@ def test_model_errors_come_back_with_their_errno(ops: Operations, caplog: pytest
         got = [fuse_errno(coro_fn, *args) for _, coro_fn, args in cases]
     assert got == [expected for expected, _, _ in cases]
     assert not caplog.records
+    call(ops.releasedir, dir_fh)
 
 
 def test_bug_in_the_model_is_answered_eio_logged_and_contained(
