@@ -193,7 +193,7 @@ class Filesystem:
 
     def loaded(self, inode: Inode) -> Inode:
         """The inode with its directory listed (its size counts its entries)."""
-        if inode.dir is not None and inode.dir.unlisted is not None:
+        if inode.awaits_listing:
             self.entries(inode)
         return inode
 
@@ -581,7 +581,8 @@ class Filesystem:
 
     def read(self, fh: int, offset: int, length: int) -> Buffer:
         handle = self.handle(fh)
-        inode = self._file(fh)
+        inode = self.inodes[handle.ino]
+        self._check_contents(inode)
         assert inode.content is not None
         if offset < 0:
             raise FsError(errno.EINVAL)

@@ -185,7 +185,7 @@ class Operations(pyfuse3.Operations):
         attr.st_ino = inode.ino
         attr.generation = 0
         attr.entry_timeout = CACHE_TIMEOUT
-        attr.attr_timeout = 0 if inode.dir is not None and inode.dir.unlisted is not None else CACHE_TIMEOUT
+        attr.attr_timeout = 0 if inode.awaits_listing else CACHE_TIMEOUT
         attr.st_mode = inode.mode
         attr.st_nlink = inode.nlink
         attr.st_uid = inode.uid
@@ -344,6 +344,8 @@ class Operations(pyfuse3.Operations):
         """The write, and the inode whose cached pages must be dropped before the
         reply (a direct write to a file a READ may have refilled), or None."""
         written = self.fs.write(fh, offset, data)
+        if not self.read_since_drop:  # no file with an O_DIRECT handle was READ since its last drop
+            return written, None
         handle = self.fs.handle(fh)
         if not handle.flags & os.O_DIRECT or handle.ino not in self.read_since_drop:
             return written, None

@@ -84,6 +84,11 @@ class Inode:
         return self.dir is not None
 
     @property
+    def awaits_listing(self) -> bool:
+        """An overlay directory whose backing directory is not listed yet."""
+        return self.dir is not None and self.dir.unlisted is not None
+
+    @property
     def size(self) -> int:
         if self.content is not None:
             return self.content.size

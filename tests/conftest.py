@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -104,6 +105,21 @@ def read_uncached(path: Path) -> bytes:
 
 def mmfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mmfs", *args]
+
+
+# The real daemon, with ``patch`` (Python source: a fault, or a probe that
+# records what the daemon does) run before it starts.
+PATCHED_DAEMON = """
+import sys
+{patch}
+from mmfs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def patched_daemon_command(patch: str) -> list[str]:
+    """What to run instead of ``python -m mmfs`` (``start_mmfs``'s ``program``)."""
+    return [sys.executable, "-c", PATCHED_DAEMON.format(patch=textwrap.dedent(patch))]
 
 
 # --- daemon logs ------------------------------------------------------------------

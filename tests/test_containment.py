@@ -25,22 +25,12 @@ import contextlib
 import errno
 import os
 import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import Mount, is_mounted, read_uncached, start_mmfs, stop_mmfs, wait_for
-
-# The real daemon, with the fault patched in before it starts.
-PATCHED_DAEMON = """
-import sys
-{patch}
-from mmfs.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+from conftest import Mount, is_mounted, patched_daemon_command, read_uncached, start_mmfs, stop_mmfs, wait_for
 
 
 @contextlib.contextmanager
@@ -55,7 +45,7 @@ def patched_daemon(
     """
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    program = [sys.executable, "-c", PATCHED_DAEMON.format(patch=textwrap.dedent(patch))]
+    program = patched_daemon_command(patch)
     mount = start_mmfs(mountpoint, tmp_path / "daemon.log", *args, options=options, program=program)
     try:
         yield mount

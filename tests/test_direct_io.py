@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Mount, read_uncached, stop_mmfs
+from conftest import Mount, patched_daemon_command, read_uncached, stop_mmfs
 
 RACER = r"""
 /* Asynchronous O_DIRECT writers against buffered readers: a read that starts
@@ -322,43 +321,41 @@ def test_mmfs_never_serves_bytes_older_than_a_completed_direct_write(
     race(racer, mnt / "f", interface, reopen)
 
 
-COUNTING_DAEMON = """
-import sys
-from mmfs import fs
-out = sys.argv.pop(1)
-served = 0
-original_read = fs.Filesystem.read
-def counted_read(self, *args, **kwargs):
-    global served
-    served += 1
-    with open(out, "w") as file:
-        file.write(str(served))
-    return original_read(self, *args, **kwargs)
-fs.Filesystem.read = counted_read
-from mmfs.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+def read_counting_daemon(counter: Path) -> list[str]:
+    """A daemon that keeps in ``counter`` the number of READs it served."""
+    return patched_daemon_command(f"""
+        from mmfs import fs
+        served = 0
+        original_read = fs.Filesystem.read
+        def counted_read(self, *args, **kwargs):
+            global served
+            served += 1
+            with open({str(counter)!r}, "w") as file:
+                file.write(str(served))
+            return original_read(self, *args, **kwargs)
+        fs.Filesystem.read = counted_read
+    """)
+
+
+def reads_served(counter: Path) -> int:
+    return int(counter.read_text()) if counter.exists() else 0
 
 
 def test_a_file_nobody_opens_o_direct_keeps_its_pages_across_opens(
     mmfs_factory: Callable[..., Mount], tmp_path: Path
 ) -> None:
     counter = tmp_path / "reads"
-    mount = mmfs_factory("tmpfs", options="size=64m", program=[sys.executable, "-c", COUNTING_DAEMON, str(counter)])
-
-    def reads_served() -> int:
-        return int(counter.read_text()) if counter.exists() else 0
-
+    mount = mmfs_factory("tmpfs", options="size=64m", program=read_counting_daemon(counter))
     path = mount.path / "f"
     data = os.urandom(4 << 20)
     path.write_bytes(data)
     assert path.read_bytes() == data  # whatever the write left out of the page cache comes in here
-    before = reads_served()
+    before = reads_served(counter)
     for _ in range(2):  # each its own open: keep_cache keeps the pages
         assert path.read_bytes() == data
-    assert reads_served() == before, "a cached file's pages were read from the daemon again"
+    assert reads_served(counter) == before, "a cached file's pages were read from the daemon again"
     assert read_uncached(path) == data  # the counter does see READs
-    assert reads_served() > before
+    assert reads_served(counter) > before
     stop_mmfs(mount)
 
 
@@ -372,20 +369,14 @@ def test_on_noatime_a_small_write_keeps_the_rest_of_the_files_pages(
     mmfs's pyfuse3 patch lets it clear).  Elsewhere the drop stays: the first
     read after a write must reach the daemon to update atime (test_atime)."""
     counter = tmp_path / "reads"
-    mount = mmfs_factory(
-        "tmpfs", options=f"size=128m,{atime}", program=[sys.executable, "-c", COUNTING_DAEMON, str(counter)]
-    )
-
-    def reads_served() -> int:
-        return int(counter.read_text()) if counter.exists() else 0
-
+    mount = mmfs_factory("tmpfs", options=f"size=128m,{atime}", program=read_counting_daemon(counter))
     path = mount.path / "f"
     data = bytearray(os.urandom(16 << 20))
     path.write_bytes(data)
     assert path.read_bytes() == data  # everything is cached now
     fd = os.open(path, os.O_RDWR)
     try:
-        before = reads_served()
+        before = reads_served(counter)
         mtime = os.fstat(fd).st_mtime_ns
         assert os.pwrite(fd, b"!", 4096) == 1
         data[4096] = ord("!")
@@ -394,7 +385,7 @@ def test_on_noatime_a_small_write_keeps_the_rest_of_the_files_pages(
         os.close(fd)
     assert path.read_bytes() == data
     if atime == "noatime":
-        assert reads_served() == before, f"{reads_served() - before} READs after a 1-byte write"
+        assert reads_served(counter) == before, f"{reads_served(counter) - before} READs after a 1-byte write"
     else:
-        assert reads_served() >= before + 4, "16 MiB read again in READs of at most 1 MiB after the write"
+        assert reads_served(counter) >= before + 4, "16 MiB read again in READs of at most 1 MiB after the write"
     stop_mmfs(mount)

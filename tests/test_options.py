@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from mmfs.options import UsageError, atime_rule, parse_args, ram_bytes
+from mmfs.options import MountConfig, UsageError, atime_rule, parse_args, ram_bytes
 
 PAGE = 4096
 
 
-def options(text: str, mode: str = "tmpfs"):  # type: ignore[no-untyped-def]
+def options(text: str, mode: str = "tmpfs") -> MountConfig:
     return parse_args([mode, "/mnt", "-o", text])
 
 

@@ -11,25 +11,10 @@ directory of LOWERDIR it lists (``LowerDir.list``) shows what is read.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Mount, stop_mmfs
-
-LISTING_DAEMON = """
-import sys
-from mmfs import lower
-out = sys.argv.pop(1)
-original_list = lower.LowerDir.list
-def recorded_list(self, path):
-    with open(out, "ab") as file:
-        file.write((path or b".") + b"\\n")
-    return original_list(self, path)
-lower.LowerDir.list = recorded_list
-from mmfs.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+from conftest import Mount, patched_daemon_command, stop_mmfs
 
 
 def test_listing_a_directory_lists_none_of_its_subdirectories(
@@ -41,9 +26,16 @@ def test_listing_a_directory_lists_none_of_its_subdirectories(
         (lower / "top" / f"sub{n}" / "file").write_bytes(b"x" * n)
     (lower / "top" / "plain").write_bytes(b"data")
     record = tmp_path / "listed"
-    mount = mmfs_factory(
-        "overlay", str(lower), options="size=64m", program=[sys.executable, "-c", LISTING_DAEMON, str(record)]
-    )
+    recording_daemon = patched_daemon_command(f"""
+        from mmfs import lower
+        original_list = lower.LowerDir.list
+        def recorded_list(self, path):
+            with open({str(record)!r}, "ab") as file:
+                file.write((path or b".") + b"\\n")
+            return original_list(self, path)
+        lower.LowerDir.list = recorded_list
+    """)
+    mount = mmfs_factory("overlay", str(lower), options="size=64m", program=recording_daemon)
 
     def listed() -> list[bytes]:
         return record.read_bytes().splitlines() if record.exists() else []
