@@ -43,7 +43,9 @@ class NoSpace(OSError):
 class Arena:
     """Slots of anonymous shared memory, with page accounting.
 
-    ``page_limit`` of 0 means unlimited (only the reservation bounds it).
+    ``page_limit`` of 0 means unlimited (only the reservation bounds it).  It
+    may change while the arena is in use (a remount), between ``pages_held``
+    and ``capacity()``.
     """
 
     def __init__(self, reserve_bytes: int, page_limit: int = 0, store_with_pwrite: bool = True) -> None:
@@ -88,10 +90,14 @@ class Arena:
             target[done:] = self.view[offset + done : offset + len(target)]
 
     # --- page budget ----------------------------------------------------
+    def capacity(self) -> int:
+        """The pages the reserved region can hold: the highest ``page_limit``."""
+        return self.slot_count * PAGES_PER_SLOT
+
     def pages_free(self) -> int:
         """Pages that may still be taken; a large number when unlimited."""
         if self.page_limit == 0:
-            return self.slot_count * PAGES_PER_SLOT - self.pages_held
+            return self.capacity() - self.pages_held
         return max(0, self.page_limit - self.pages_held)
 
     def take_pages(self, count: int) -> None:

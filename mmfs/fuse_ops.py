@@ -50,6 +50,14 @@ P = ParamSpec("P")
 
 CAP_FSETID = 4
 
+# The requests that change the filesystem: answered EROFS while it is read-only
+# (``Operations.read_only``), as are opens for writing or truncating.
+CHANGES = frozenset(
+    ["setattr", "mknod", "mkdir", "symlink", "link", "unlink", "rmdir", "rename", "create", "_write", "setxattr",
+     "removexattr"]
+)
+WRITE_ACCESS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+
 
 def caller(ctx: pyfuse3.RequestContext) -> acl.Caller:
     """The groups and CAP_FSETID of the process behind a request.  The kernel
@@ -99,13 +107,18 @@ class RequestCounts(dict[str, Served]):
 
 def handler(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Run a synchronous handler; map model errors and contain bugs; count it
-    (its first argument is the ``Operations``)."""
+    (its first argument is the ``Operations``); refuse it with EROFS while the
+    filesystem is read-only if it is one of the ``CHANGES``."""
     opcode = method.__name__.strip("_").upper()
+    changes = method.__name__ in CHANGES
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         start = time.perf_counter_ns()
+        operations: Operations = args[0]  # type: ignore[assignment]
         try:
+            if changes and operations.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
             return method(*args, **kwargs)
         except FsError as error:
             raise pyfuse3.FUSEError(error.errno) from None
@@ -115,7 +128,6 @@ def handler(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
             log.exception("internal error in %s; answering EIO", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            operations: Operations = args[0]  # type: ignore[assignment]
             operations.requests.add(opcode, time.perf_counter_ns() - start)
 
     return wrapper
@@ -135,6 +147,7 @@ class Operations(pyfuse3.Operations):
     # FUSE_EXPORT_SUPPORT: file handles (name_to_handle_at, NFS) outlive the
     # kernel's cache; it finds inodes again with lookups of "." and "..".
     supports_dot_lookup = True
+    read_only = False  # remount,ro (remount.py): changes are answered EROFS, whatever the kernel knows
 
     def __init__(self, fs: Filesystem, on_init: Callable[[], None] = lambda: None) -> None:
         super().__init__()
@@ -296,6 +309,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.read_only and flags & WRITE_ACCESS:
+            raise FsError(errno.EROFS)
         fh = self.fs.open(ino, flags)  # with O_TRUNC, which the kernel leaves to us (atomic_o_trunc)
         self.opened(ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)

@@ -30,6 +30,9 @@ ATIME_FLAGS = {
 }
 # Options that mount(8) uses itself and may still pass along: accepted, no effect.
 IGNORED = frozenset(["auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "defaults"])
+# What mountinfo shows of a FUSE mount, which mount(8) hands back to the helper
+# on a remount: accepted then, and only then, with no effect.
+REMOUNT_ECHOES = frozenset(["user_id", "group_id"])
 # Options for other programs that fstab lines carry (x-systemd.*, x-gvfs-show,
 # comment=...): mount(8) and systemd may pass them to the helper; no effect.
 IGNORED_PREFIXES = ("x-", "comment=")
@@ -65,6 +68,8 @@ class MountConfig:
     atime_flags: dict[str, bool] = field(default_factory=dict)  # noatime, nodiratime, strictatime... as set
     log: str | None = None  # the daemon's log file in the background; "-" = syslog
     fuse_options: set[str] = field(default_factory=set)
+    remount: bool = False  # -o remount: change the running mount at MOUNTPOINT (remount.py)
+    named: set[str] = field(default_factory=set)  # the -o options given with a value ("size", "lowerdir"...)
 
 
 def ram_bytes() -> int:
@@ -107,16 +112,22 @@ def apply_option(config: MountConfig, option: str) -> None:
     if option.startswith(IGNORED_PREFIXES):
         return
     if not has_value:
-        if name in MOUNT_FLAGS or name == "allow_other":
+        if name in ("ro", "rw"):
+            config.fuse_options -= {"ro", "rw"}  # the last one given wins
+            config.fuse_options.add(name)
+        elif name in MOUNT_FLAGS or name == "allow_other":
             config.fuse_options.add(name)
         elif name in ATIME_FLAGS:
             flag, setting = ATIME_FLAGS[name]
             config.atime_flags[flag] = setting
         elif name == "debug":
             config.debug = True
+        elif name == "remount":
+            config.remount = True
         elif name not in IGNORED and name != "default_permissions":
             raise UsageError(f"unknown option: {option!r}")
         return
+    config.named.add(name)
     if name == "size":
         config.size = parse_size(value)
     elif name == "nr_inodes":
@@ -145,6 +156,8 @@ def apply_option(config: MountConfig, option: str) -> None:
         if not value or "," in value:
             raise UsageError(f"bad value for fsname: {value!r}")
         config.source = value
+    elif name in REMOUNT_ECHOES and config.remount:
+        parse_id(value, name)
     else:
         raise UsageError(f"unknown option: {option!r}")
 
@@ -200,9 +213,10 @@ def parse_args(argv: list[str]) -> MountConfig:
     source, lowerdir, mountpoint = split_positional(positional)
     config = default_config(mountpoint)
     config.source, config.lowerdir = source, lowerdir
+    config.remount = "remount" in options  # before the others: what they may be depends on it
     for option in options:
         apply_option(config, option)
-    if source == "overlay" and config.lowerdir is None:
+    if source == "overlay" and config.lowerdir is None and not config.remount:
         raise UsageError("overlay mode needs LOWERDIR: mmfs overlay LOWERDIR MOUNTPOINT (see mmfs overlay --help)")
     config.foreground = foreground
     config.debug = config.debug or debug

@@ -70,3 +70,46 @@ def test_mount_flags_and_allow_other_pass_to_the_kernel() -> None:
     config = options("noexec,nosuid,nodev,allow_other,ro")
     assert {"noexec", "nosuid", "nodev", "allow_other", "ro"} <= config.fuse_options
     assert options("fsname=scratch").source == "scratch"
+
+
+# --- remount ------------------------------------------------------------------
+# What mount(8) and mount.fuse3 pass for `mount -o remount,size=2G MNT` on an
+# mmfs mount: the options given, mixed with what mountinfo shows of the mount.
+MOUNT8_REMOUNT = "rw,relatime,remount,user_id=0,group_id=0,default_permissions,size=2G,dev,suid"
+
+
+def test_remount_as_mount8_passes_it_names_only_the_options_given() -> None:
+    config = options(MOUNT8_REMOUNT)
+    assert config.remount and config.size == 2 << 30
+    assert config.named == {"size", "user_id", "group_id"}  # not nr_inodes: it stays as it is
+    assert "rw" in config.fuse_options and "ro" not in config.fuse_options
+    assert not options("size=2G").remount
+
+
+def test_remount_of_an_overlay_needs_no_lowerdir() -> None:
+    """mount(8) passes the mount's source, "overlay", and the mountpoint only."""
+    config = options("ro,relatime,remount,user_id=0,group_id=0,default_permissions", mode="overlay")
+    assert config.remount and config.lowerdir is None and "ro" in config.fuse_options
+    with pytest.raises(UsageError, match="overlay mode needs LOWERDIR"):
+        options("ro", mode="overlay")
+
+
+@pytest.mark.parametrize("echo", ["user_id=0", "group_id=0"])
+def test_mountinfo_echoes_are_options_of_a_remount_only(echo: str) -> None:
+    options(f"{echo},remount")  # mount(8) puts remount before them or after: either way
+    with pytest.raises(UsageError, match=f"unknown option: '{echo}'"):
+        options(echo)
+    with pytest.raises(UsageError, match="bad value for user_id"):
+        options("remount,user_id=x")
+
+
+def test_the_last_of_ro_and_rw_wins() -> None:
+    assert {"ro", "rw"} & options("remount,ro,rw").fuse_options == {"rw"}
+    assert {"ro", "rw"} & options("rw,ro").fuse_options == {"ro"}
+
+
+@pytest.mark.parametrize("bad", ["size=abc", "nr_inodes=-1", "size=1x", "nosuchoption", "mode=9"])
+def test_bad_values_on_remount_are_one_line_errors(bad: str) -> None:
+    with pytest.raises(UsageError) as error:
+        options(f"remount,{bad}")
+    assert "\n" not in str(error.value) and str(error.value)
