@@ -36,13 +36,21 @@ class Daemon:
     """One mount's daemon: the model, what serves it to the kernel, and what
     the daemon's own tasks need."""
 
+    config: MountConfig
     fs: Filesystem
+    arena: Arena
     maps: MapBudget | None = None  # overlay mode: lower files mapped privately
     initialized: trio.Event = field(default_factory=trio.Event)  # set when the kernel's INIT arrives
     operations: Operations = field(init=False)
+    mountpoint: str = ""  # its real path, once mounted
+    mounted_at: float = 0.0  # when, in seconds since the epoch
 
     def __post_init__(self) -> None:
         self.operations = Operations(self.fs, on_init=self.initialized.set)
+
+    def bytes_held(self) -> int:
+        """Bytes of memory file contents hold (what df counts as used)."""
+        return self.arena.pages_held * PAGE
 
     @property
     def requests(self) -> RequestCounts:
@@ -72,7 +80,7 @@ def build(config: MountConfig) -> Daemon:
         root_mode=config.mode, root_uid=config.uid, root_gid=config.gid,
     )
     if config.lowerdir is None:
-        return Daemon(Filesystem(lambda: AnonContent(arena), settings, space=arena))
+        return Daemon(config, Filesystem(lambda: AnonContent(arena), settings, space=arena), arena)
     lower = open_lower(config.lowerdir)
     maps = MapBudget(map_limit())
 
@@ -81,7 +89,7 @@ def build(config: MountConfig) -> Daemon:
         return CowContent(arena, maps, lambda: lower.open(path), entry.st.st_size, entry.st.st_blocks)
 
     fs = Filesystem(lambda: AnonContent(arena), settings, space=arena, lower=lower, lower_content=lower_content)
-    return Daemon(fs, maps)
+    return Daemon(config, fs, arena, maps)
 
 
 # Under an address space limit, room kept for the daemon's own heap, stacks and

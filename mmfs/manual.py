@@ -107,6 +107,64 @@ FSYNC = (
 )
 
 
+@dataclass(frozen=True)
+class Verb:
+    """A command that acts on a running mount, through its control channel."""
+
+    synopsis: str
+    meaning: str
+    arguments: tuple[int, int] = (1, 1)  # how many positional arguments, least and most
+    flags: tuple[str, ...] = ()
+
+
+VERBS = {
+    "status": Verb(
+        "mmfs status [MOUNTPOINT] [--json]",
+        "What a mount holds: mode, source and LOWERDIR, size= and the bytes held, nr_inodes= and the inodes "
+        "used, in overlay mode the files changed and the lower files mapped, the daemon's pid and resident "
+        "memory, the requests served and how long it has been mounted. Without MOUNTPOINT, one line for "
+        "every mmfs mount the caller may control.",
+        (0, 1), ("--json",),
+    ),
+    "diff": Verb(
+        "mmfs diff MOUNTPOINT [--json]",
+        "Overlay mode: every path that differs from LOWERDIR, sorted, one line each: A added, D deleted, "
+        "M changed (content, type, mode, owner, mtime, xattrs or ACLs, symlink target or link count; "
+        "atime and ctime alone never count). A rename is D old plus A new; a directory whose entries "
+        "changed has a new mtime, so it is M; the root is '.'. Answered from what the daemon knows, "
+        "without reading unchanged files: a file whose pages were rewritten with the same bytes is M. "
+        "Paths that are not printable UTF-8, or hold a double quote or backslash, are quoted as git "
+        "quotes them. With --json, a list of {\"change\", \"path\"} objects; a path that is not valid "
+        "UTF-8 also has \"path_base64\", its exact bytes.",
+        (1, 1), ("--json",),
+    ),
+    "export": Verb(
+        "mmfs export MOUNTPOINT DIR",
+        "Overlay mode: write the mount's changes into DIR (made if missing; must be empty) as a kernel "
+        "overlayfs upper directory: deletions as 0/0 character-device whiteouts, directories that replace "
+        "lower ones opaque (trusted.overlay.opaque, or user.overlay.opaque for the userxattr option when "
+        "not run by root), changed files whole with mode, owner, times, xattrs and ACLs, hard links kept. "
+        "mount -t overlay overlay -o lowerdir=LOWERDIR,upperdir=DIR,workdir=WORK then shows the tree the "
+        "mount shows. To keep the changes, use DIR as an upper directory, or review the mount and copy it "
+        "onto LOWERDIR with rsync -aHAX --delete MOUNTPOINT/ LOWERDIR/.",
+        (2, 2),
+    ),
+    "run": Verb(
+        "mmfs run [-o OPTIONS] [--dir DIR] [--keep UPPERDIR] -- COMMAND [ARGS...]",
+        "Run COMMAND in a mount namespace of its own where DIR (default: the current directory) is "
+        "overlaid by mmfs at its own path: other processes never see the overlay and DIR is never written. "
+        "When COMMAND exits, print a summary of the diff on stderr, export it to UPPERDIR with --keep, "
+        "unmount and exit with COMMAND's status. Ctrl-C and SIGTERM reach COMMAND; the cleanup still "
+        "happens.",
+    ),
+}
+
+
+def verb_help(verb: str) -> str:
+    """``mmfs VERB --help``."""
+    return f"usage: {VERBS[verb].synopsis}\n\n{_wrap(VERBS[verb].meaning, '')}\n\nSee man mmfs."
+
+
 def _wrap(text: str, indent: str = "  ") -> str:
     return textwrap.fill(text, 79, initial_indent=indent, subsequent_indent=indent)
 
@@ -127,8 +185,8 @@ def _option_lines(mode: str | None) -> list[str]:
 
 def help_text(mode: str | None = None) -> str:
     """``mmfs --help`` (``mode`` None) or ``mmfs MODE --help``."""
-    forms = [mode] if mode else ["tmpfs", "overlay", "mount"]
-    lines = ["usage: " + SYNOPSIS[forms[0]]] + ["       " + SYNOPSIS[form] for form in forms[1:]]
+    forms = [SYNOPSIS[mode]] if mode else [*SYNOPSIS.values(), *(verb.synopsis for verb in VERBS.values())]
+    lines = ["usage: " + forms[0]] + ["       " + form for form in forms[1:]]
     lines.append("")
     for name in [mode] if mode else ["tmpfs", "overlay"]:
         lines.append(_wrap(f"{name} mode: {MODES[name]}", ""))
@@ -142,6 +200,12 @@ def help_text(mode: str | None = None) -> str:
         lines.append(f"  {flag}")
         lines.append(_wrap(meaning, "      "))
     lines.append("")
+    if mode is None:
+        lines.append("commands on a running mount (mmfs COMMAND --help):")
+        for name, verb in VERBS.items():
+            lines.append(f"  {name}")
+            lines.append(_wrap(verb.meaning.split(". ")[0].rstrip(".") + ".", "      "))
+        lines.append("")
     lines.append("unmounting:")
     lines.append(_wrap(UNMOUNT))
     lines.append("")
@@ -161,8 +225,8 @@ def _roff(text: str) -> str:
 def man_page() -> str:
     """The manual page mmfs(8), in roff."""
     out = [".TH MMFS 8", ".SH NAME", _roff(NAME), ".SH SYNOPSIS"]
-    for form in ("tmpfs", "overlay", "mount"):
-        out += [".B " + _roff(SYNOPSIS[form]), ".br"]
+    for form in [*SYNOPSIS.values(), *(verb.synopsis for verb in VERBS.values())]:
+        out += [".B " + _roff(form), ".br"]
     out.append(".SH DESCRIPTION")
     for name in ("tmpfs", "overlay"):
         out += [".TP", f".B {name} mode", _roff(MODES[name])]
@@ -172,7 +236,10 @@ def man_page() -> str:
         if option.overlay_default is not None:
             default += f"; overlay: {option.overlay_default}"
         out += [".TP", ".B " + _roff(option.form), _roff(f"{option.meaning} (default: {default})")]
-    out += [".PP", _roff(ACCEPTED), ".SH FLAGS"]
+    out += [".PP", _roff(ACCEPTED), ".SH COMMANDS"]
+    for verb in VERBS.values():
+        out += [".TP", ".B " + _roff(verb.synopsis), _roff(verb.meaning)]
+    out += [".SH FLAGS"]
     for flag, meaning in FLAGS:
         out += [".TP", ".B " + _roff(flag), _roff(meaning)]
     out += [".SH UNMOUNTING", _roff(UNMOUNT), ".SH LOGGING", _roff(LOGGING), ".SH FSYNC", _roff(FSYNC)]

@@ -14,14 +14,16 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pyfuse3
 import trio
 
-from . import busy_poll, mounts
+from . import busy_poll, control, mounts
 from .daemon import Daemon, build
 from .fuse_ops import RequestCounts
 from .maps import MapBudget
@@ -78,16 +80,35 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     daemon = build(config)
     mountpoint = os.path.realpath(config.mountpoint)  # resolving it after the mount would deadlock
     pyfuse3.init(daemon.operations, mountpoint, fuse_options(config))
+    daemon.mountpoint, daemon.mounted_at = mountpoint, time.time()
     os.chdir("/")  # never pin the caller's directory (its filesystem could not be unmounted)
+    listener = control_socket(mountpoint)  # before ready(): mmfs status works once the command returns
     ready()
     log.info("mounted %s on %s", config.source, mountpoint)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)
     try:
-        trio.run(_serve_until_stopped, daemon, mountpoint, config.busy_poll)
+        trio.run(_serve_until_stopped, daemon, listener, config.busy_poll)
     finally:
         pyfuse3.close(unmount=True)
+        if listener is not None:
+            control.remove(listener)
         log.info("requests served: %s", daemon.requests.summary())
+
+
+def control_socket(mountpoint: str) -> socket.socket | None:
+    """The mount's control socket, or None (logged) if it cannot be made: the
+    mount still serves, only the mmfs verbs cannot reach it.  ``mountpoint`` is
+    a real path: nothing here may touch the new mount."""
+    entry = mounts.mounted_at(mountpoint)
+    if entry is None or entry.fstype != "fuse.mmfs":
+        log.warning("no control channel: no mmfs mount found on %s", mountpoint)
+        return None
+    try:
+        return control.listen(entry.device)
+    except OSError as error:
+        log.warning("no control channel: %s", error)
+        return None
 
 
 SERVING_TASKS = 16  # more than the asynchronous requests the kernel keeps in flight (max_background 12)
@@ -109,13 +130,15 @@ def widen_readahead(mountpoint: str) -> None:
         log.debug("cannot widen readahead of %s: %s", mountpoint, error)
 
 
-async def _serve_until_stopped(daemon: Daemon, mountpoint: str, poll: bool) -> None:
+async def _serve_until_stopped(daemon: Daemon, listener: socket.socket | None, poll: bool) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         await nursery.start(_log_requests_on_signal, daemon.requests)
         if daemon.maps is not None:
             await nursery.start(_retire_maps_on_lease_break, daemon.maps)
-        nursery.start_soon(_widen_readahead_after_init, daemon.initialized, mountpoint)
+        if listener is not None:
+            await nursery.start(control.serve, listener, daemon)
+        nursery.start_soon(_widen_readahead_after_init, daemon.initialized, daemon.mountpoint)
         if poll:
             busy_poll.install()
         # One task serves nearly everything (no model call awaits); others serve

@@ -31,6 +31,15 @@ class MountEntry:
     mountpoint: bytes
     fstype: str
     source: bytes
+    super_options: bytes = b""
+
+    @property
+    def user_id(self) -> int | None:
+        """The uid of the user who mounted a FUSE filesystem (its ``user_id=``)."""
+        for option in self.super_options.split(b","):
+            if option.startswith(b"user_id="):
+                return int(option[len(b"user_id=") :])
+        return None
 
 
 def parse_line(line: bytes) -> MountEntry:
@@ -42,6 +51,7 @@ def parse_line(line: bytes) -> MountEntry:
         mountpoint=unescape(fields[4]),
         fstype=unescape(fields[tail + 1]).decode(errors="replace"),
         source=unescape(fields[tail + 2]),
+        super_options=unescape(fields[tail + 3]) if len(fields) > tail + 3 else b"",
     )
 
 
