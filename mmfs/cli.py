@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 
-from . import commands
+from . import commands, remount, run
 from .mount import check_mountpoint, serve
 from .options import HelpRequested, MountConfig, UsageError, parse_args, shown
 
@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in commands.VERBS:
         return commands.main(args[0], args[1:])
+    if args and args[0] == "run":
+        return run.main(args[1:])
     try:
         config = parse_args(args)
+        if config.remount:
+            return remount.remount(config)
         config.mountpoint = os.path.abspath(config.mountpoint)  # the daemon runs in "/"
         if config.lowerdir is not None:
             config.lowerdir = os.path.abspath(config.lowerdir)

@@ -130,7 +130,8 @@ def status_text(reply: dict[str, Any]) -> str:
         ("inodes", f"{limit(reply['nr_inodes'])}, {reply['inodes_used']} used"),
     ]
     if "files_changed" in reply:
-        rows.append(("files", f"{reply['files_changed']} changed, {reply['files_mapped']} mapped"))
+        changed = "?" if reply["files_changed"] is None else reply["files_changed"]
+        rows.append(("files", f"{changed} changed, {reply['files_mapped']} mapped"))
     rows += [
         ("daemon", f"pid {reply['pid']}, {size(reply['rss_bytes'])} resident"),
         ("requests", f"{reply['requests']} served"),

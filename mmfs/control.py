@@ -207,9 +207,11 @@ def handle(daemon: Daemon, raw: bytes | None, fds: list[int]) -> Reply:
         return failure("bad request: not JSON")
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         return failure('bad request: expected a JSON object with "op"')
-    handler = HANDLERS.get(request["op"])
+    handler = daemon.control_handlers.get(request["op"])
     if handler is None:
         return failure(f"unknown request: {request['op']!r}")
+    if any(mounts.device_of_descriptor(fd) == daemon.device for fd in fds):
+        return failure("a directory on this mount itself: mmfs cannot write into the mount it serves")
     try:
         given: list[int] = []
         if request["op"] in TAKES_DESCRIPTORS:
@@ -250,6 +252,7 @@ def handle_status(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
         "uptime_seconds": time.time() - daemon.mounted_at,
     }
     if daemon.maps is not None:
+        reply["files_changed"] = daemon.files_changed()
         reply["files_mapped"] = len(daemon.maps.mapped)
     return reply
 
@@ -264,9 +267,6 @@ def resident_bytes() -> int:
 
 
 TAKES_DESCRIPTORS = {"export"}  # the requests whose handler closes the descriptors sent; others' are closed here
-HANDLERS: dict[str, Handler] = {
-    "status": handle_status,
-}
 
 
 # --- the client's side ----------------------------------------------------------

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import changes, control, export, remount
 from .arena import PAGE, SLOT, Arena
 from .content import AnonContent, CowContent
-from .fs import Filesystem, FsConfig
+from .fs import Filesystem, FsConfig, FsError
 from .fuse_ops import Operations, RequestCounts
 from .lower import LowerDir, LowerEntry
 from .maps import MapBudget
@@ -43,10 +44,29 @@ class Daemon:
     initialized: trio.Event = field(default_factory=trio.Event)  # set when the kernel's INIT arrives
     operations: Operations = field(init=False)
     mountpoint: str = ""  # its real path, once mounted
+    device: str = ""  # "MAJOR:MINOR" of the mount, once mounted
     mounted_at: float = 0.0  # when, in seconds since the epoch
 
     def __post_init__(self) -> None:
         self.operations = Operations(self.fs, on_init=self.initialized.set)
+
+    @property
+    def control_handlers(self) -> dict[str, control.Handler]:
+        """What the control channel answers, by request."""
+        return {
+            "status": control.handle_status,
+            "diff": changes.handle_diff,
+            "export": export.handle_export,
+            "remount": remount.handle_remount,
+        }
+
+    def files_changed(self) -> int | None:
+        """Overlay mode: how many paths differ from LOWERDIR (``mmfs diff``'s
+        lines, the root aside); None if LOWERDIR cannot be read."""
+        try:
+            return sum(change.path != b"." for change in changes.diff(self.fs))
+        except (OSError, FsError):
+            return None
 
     def bytes_held(self) -> int:
         """Bytes of memory file contents hold (what df counts as used)."""

@@ -82,7 +82,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     pyfuse3.init(daemon.operations, mountpoint, fuse_options(config))
     daemon.mountpoint, daemon.mounted_at = mountpoint, time.time()
     os.chdir("/")  # never pin the caller's directory (its filesystem could not be unmounted)
-    listener = control_socket(mountpoint)  # before ready(): mmfs status works once the command returns
+    listener = control_socket(daemon, mountpoint)  # before ready(): mmfs status works once the command returns
     ready()
     log.info("mounted %s on %s", config.source, mountpoint)
     faulthandler.enable()
@@ -96,7 +96,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         log.info("requests served: %s", daemon.requests.summary())
 
 
-def control_socket(mountpoint: str) -> socket.socket | None:
+def control_socket(daemon: Daemon, mountpoint: str) -> socket.socket | None:
     """The mount's control socket, or None (logged) if it cannot be made: the
     mount still serves, only the mmfs verbs cannot reach it.  ``mountpoint`` is
     a real path: nothing here may touch the new mount."""
@@ -104,6 +104,7 @@ def control_socket(mountpoint: str) -> socket.socket | None:
     if entry is None or entry.fstype != "fuse.mmfs":
         log.warning("no control channel: no mmfs mount found on %s", mountpoint)
         return None
+    daemon.device = entry.device
     try:
         return control.listen(entry.device)
     except OSError as error:

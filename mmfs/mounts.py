@@ -27,6 +27,7 @@ def unescape(field: bytes) -> bytes:
 class MountEntry:
     """One line of mountinfo: the fields mmfs needs."""
 
+    mount_id: int  # unique among the mounts of the namespace (fdinfo's mnt_id)
     device: str  # "major:minor" of the mounted filesystem (st_dev)
     mountpoint: bytes
     fstype: str
@@ -47,6 +48,7 @@ def parse_line(line: bytes) -> MountEntry:
     fields = line.rstrip(b"\n").split(b" ")
     tail = fields.index(b"-")
     return MountEntry(
+        mount_id=int(fields[0]),
         device=fields[2].decode(),
         mountpoint=unescape(fields[4]),
         fstype=unescape(fields[tail + 1]).decode(errors="replace"),
@@ -69,3 +71,11 @@ def mounted_at(path: str | bytes) -> MountEntry | None:
         if entry.mountpoint == target:
             found = entry  # later lines are mounted on top of earlier ones
     return found
+
+
+def device_of_descriptor(fd: int) -> str | None:
+    """"MAJOR:MINOR" of the filesystem an open file is on, found without asking
+    that filesystem (fdinfo's mount id and the mount table: no stat)."""
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        mount_id = next((int(line.split()[1]) for line in info if line.startswith("mnt_id:")), None)
+    return next((entry.device for entry in mount_table() if entry.mount_id == mount_id), None)

@@ -83,8 +83,11 @@ def test_status_of_an_overlay_mount(mmfs_factory, tmp_path: Path) -> None:  # ty
     with open(mnt / "big", "r+b", buffering=0) as big:
         big.write(b"b")
         assert status(mnt)["files_mapped"] == 1
+    (mnt / "new").write_text("new")
     reply = status(mnt)
     assert reply["mode"] == "overlay" and reply["lowerdir"] == str(lower) and reply["source"] == "overlay"
+    assert reply["files_changed"] == 2  # M big, A new (the root's M is not a file)
+    assert "2 changed, 1 mapped" in mmfs("status", str(mnt)).stdout
     assert reply["bytes_used"] == 4096  # the one page written
 
 
