@@ -51,6 +51,11 @@ class AnonContent:
         self._held: dict[int, int] = {}  # file slot index -> mask of pages written
         self._unsynced: set[int] | None = None  # file slot indices written since the last sync
 
+    @property
+    def modified(self) -> bool:
+        """Always: a file made in the mount has no origin to equal."""
+        return True
+
     # --- reading ----------------------------------------------------------
     def read(self, offset: int, length: int) -> Buffer:
         """Bytes [offset, offset+length) clipped to the size; holes are zeros."""
@@ -346,6 +351,9 @@ class CowContent:
         self.copying = False  # copy-on-write into the arena instead of a map
         self.copied = PageSet()  # backing pages copied into the tail
         self.lost = False  # written pages lost in a lease break: every access is EIO
+        # Written or truncated since made: the bytes may differ from the backing
+        # file's.  Rewriting the bytes it holds counts too (they are not compared).
+        self.modified = False
         self._fd: int | None = None
 
     @property
@@ -409,6 +417,7 @@ class CowContent:
 
     def write(self, offset: int, data: Buffer) -> int:
         self._check_lost()
+        self.modified = True
         end = offset + len(data)
         split = max(offset, min(end, self.lower_size))
         written = 0
@@ -463,6 +472,7 @@ class CowContent:
 
     def truncate(self, size: int) -> None:
         self._check_lost()
+        self.modified = True
         if size < self.lower_size:
             self.lower_size = size
             self.lower_pages = min(self.lower_pages, -(-size // PAGE))

@@ -15,7 +15,8 @@ lookup references and no open handles.  Inode numbers are never reused.
 
 Overlay mode: LOWERDIR's names become inodes lazily, a directory at a time,
 and a hard-linked lower file is one inode whose link count follows LOWERDIR's
-(``overlay.Overlay``).
+(``overlay.Overlay``).  Every change to an inode but its atime (``_touch``,
+``setattr``) marks it ``changed``: ``changes.diff`` starts from those.
 """
 
 from __future__ import annotations
@@ -157,11 +158,13 @@ class Filesystem:
         root.lookups = 1  # pinned: the kernel never forgets the root
         if lower is not None:
             copy_lower_attrs(root, lower.root)
-            root.dir.unlisted = b""
+            root.dir.unlisted = root.origin = b""
+            root.changed = False
         for name in ("mode", "uid", "gid"):
             value = getattr(config, "root_" + name)
             if value is not None:
                 setattr(root, name, stat.S_IFDIR | value if name == "mode" else value)
+                root.changed = True
 
     # --- inode table ------------------------------------------------------
     def _new_inode(self, mode: int, uid: int, gid: int, counted: bool = True) -> Inode:
@@ -297,6 +300,7 @@ class Filesystem:
         now = self.clock()
         for inode in inodes:
             inode.ctime_ns = now
+            inode.changed = True
             if mtime:
                 inode.mtime_ns = now
 
@@ -534,6 +538,7 @@ class Filesystem:
         if changes.mtime_ns is not None:
             inode.mtime_ns = changes.mtime_ns
         inode.ctime_ns = self.clock()
+        inode.changed = True  # even for an atime alone: the diff compares what counts
         return inode
 
     def _truncate(self, inode: Inode, size: int) -> None:

@@ -25,6 +25,8 @@ class Content(Protocol):
 
     @property
     def pages(self) -> int: ...  # pages held, for st_blocks
+    @property
+    def modified(self) -> bool: ...  # the bytes may differ from the file's origin (see CowContent)
     def read(self, offset: int, length: int) -> Buffer: ...
     def write(self, offset: int, data: Buffer) -> int: ...
     def truncate(self, size: int) -> None: ...
@@ -39,6 +41,8 @@ class Lower(Protocol):
 
     root: LowerEntry
 
+    def entry(self, parent: bytes, name: bytes) -> LowerEntry: ...
+    def names(self, path: bytes) -> list[tuple[bytes, bool]]: ...
     def list(self, path: bytes) -> list[LowerEntry]: ...
     def count_links(self, roots: Iterable[bytes]) -> dict[tuple[int, int], int]: ...
 
@@ -78,6 +82,12 @@ class Inode:
     hidden_links: int = 0  # backing names of this inode not listed yet (or, until settled, outside LOWERDIR)
     counted: bool = True  # counts against nr_inodes (lower inodes do not)
     lower_key: tuple[int, int] | None = None  # (st_dev, st_ino) of a hard-linked lower file
+    # Change tracking for ``changes.diff``: the LOWERDIR path a lower inode was
+    # made from (None: made in the mount), and whether anything but its atime
+    # may have changed since (every mutation sets it; inodes made in the mount
+    # are changed from birth).  Only a filter: the diff compares attributes.
+    origin: bytes | None = None
+    changed: bool = True
 
     @property
     def is_dir(self) -> bool:

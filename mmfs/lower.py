@@ -75,6 +75,16 @@ class LowerDir:
             if own:
                 os.close(fd)
 
+    def names(self, path: bytes) -> list[tuple[bytes, bool]]:
+        """The names in the directory at ``path`` and whether each is a directory
+        (getdents' d_type: no lstat, no xattr, nothing opened but the directory)."""
+        fd = self.open(path, os.O_DIRECTORY)
+        try:
+            with os.scandir(fd) as found:
+                return [(os.fsencode(entry.name), entry.is_dir(follow_symlinks=False)) for entry in found]
+        finally:
+            os.close(fd)
+
     def list(self, path: bytes) -> list[LowerEntry]:
         """Every entry of the directory at ``path`` (not "." or ".."), in getdents order."""
         fd = self.open(path, os.O_DIRECTORY)

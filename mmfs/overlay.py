@@ -84,6 +84,7 @@ class Overlay:
             return known
         inode = new_inode(st.st_mode)
         copy_lower_attrs(inode, entry)
+        inode.origin, inode.changed = entry.path, False
         if stat.S_ISDIR(st.st_mode):
             inode.dir, inode.nlink = Directory(parent.ino, unlisted=entry.path), 2
             parent.nlink += 1
