@@ -20,8 +20,7 @@ import socket
 import subprocess
 import sys
 
-from . import commands, remount, run
-from .mount import check_mountpoint, serve
+from . import commands
 from .options import HelpRequested, MountConfig, UsageError, parse_args, shown
 
 FILE_FORMAT = "%(asctime)s mmfs[%(process)d] %(levelname)s %(name)s: %(message)s"
@@ -35,11 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in commands.VERBS:
         return commands.main(args[0], args[1:])
     if args and args[0] == "run":
+        from . import run
+
         return run.main(args[1:])
     try:
         config = parse_args(args)
         if config.remount:
+            from . import remount
+
             return remount.remount(config)
+        # Imported here, not above: the verbs and remounts start fast without pyfuse3 and trio.
+        from .mount import check_mountpoint
+
         config.mountpoint = os.path.abspath(config.mountpoint)  # the daemon runs in "/"
         if config.lowerdir is not None:
             config.lowerdir = os.path.abspath(config.lowerdir)
@@ -135,6 +141,8 @@ def stderr_target(log_file: int | None) -> int:
 
 
 def run_foreground(config: MountConfig, log_file: int | None) -> int:
+    from .mount import serve
+
     setup_logging(config, log_file)
     if log_file is not None:
         os.dup2(log_file, 2)
@@ -159,6 +167,8 @@ def run_background(config: MountConfig, log_file: int | None) -> int:
     os.close(read_end)
     os.setsid()
     setup_logging(config, log_file)
+    from .mount import serve
+
 
     def ready() -> None:
         os.write(write_end, b"ok")

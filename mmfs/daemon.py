@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import changes, control, export, remount
+from . import changes, channel, control, export, remount
 from .arena import PAGE, SLOT, Arena
 from .content import AnonContent, CowContent
 from .fs import Filesystem, FsConfig, FsError
@@ -54,7 +54,7 @@ class Daemon:
     def control_handlers(self) -> dict[str, control.Handler]:
         """What the control channel answers, by request."""
         return {
-            "status": control.handle_status,
+            "status": channel.handle_status,
             "diff": changes.handle_diff,
             "export": export.handle_export,
             "remount": remount.handle_remount,

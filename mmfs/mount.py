@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import pyfuse3
 import trio
 
-from . import busy_poll, control, mounts
+from . import busy_poll, channel, mounts
 from .daemon import Daemon, build
 from .fuse_ops import RequestCounts
 from .maps import MapBudget
@@ -92,7 +92,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     finally:
         pyfuse3.close(unmount=True)
         if listener is not None:
-            control.remove(listener)
+            channel.remove(listener)
         log.info("requests served: %s", daemon.requests.summary())
 
 
@@ -106,7 +106,7 @@ def control_socket(daemon: Daemon, mountpoint: str) -> socket.socket | None:
         return None
     daemon.device = entry.device
     try:
-        return control.listen(entry.device)
+        return channel.listen(entry.device)
     except OSError as error:
         log.warning("no control channel: %s", error)
         return None
@@ -138,7 +138,7 @@ async def _serve_until_stopped(daemon: Daemon, listener: socket.socket | None, p
         if daemon.maps is not None:
             await nursery.start(_retire_maps_on_lease_break, daemon.maps)
         if listener is not None:
-            await nursery.start(control.serve, listener, daemon)
+            await nursery.start(channel.serve, listener, daemon)
         nursery.start_soon(_widen_readahead_after_init, daemon.initialized, daemon.mountpoint)
         if poll:
             busy_poll.install()

@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import is_mounted, mmfs_command, wait_for
 
-from mmfs import control
+from mmfs import channel, control
 
 NOBODY = 65534
 
@@ -113,12 +114,12 @@ def test_a_stale_socket_is_replaced(tmp_path: Path, runtime: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(runtime / "0:999.sock"))
     stale.close()  # a killed daemon's socket: the file stays, nobody listens
-    listener = control.listen("0:999")
+    listener = channel.listen("0:999")
     try:
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(runtime / "0:999.sock"))
     finally:
-        control.remove(listener)
+        channel.remove(listener)
     assert not (runtime / "0:999.sock").exists()
 
 
@@ -126,7 +127,7 @@ def test_a_runtime_directory_open_to_others_is_refused(runtime: Path) -> None:
     runtime.mkdir(mode=0o755)
     runtime.chmod(0o755)
     with pytest.raises(OSError, match="0700"):
-        control.listen("0:998")
+        channel.listen("0:998")
 
 
 @pytest.fixture
@@ -194,7 +195,7 @@ def test_a_client_that_hangs_up_or_stalls_harms_nothing(mnt: Path) -> None:
         silent.connect(path)  # sends nothing, keeps the connection open
         started = time.monotonic()
         assert status(mnt)["mode"] == "tmpfs"  # others are served meanwhile
-        assert time.monotonic() - started < control.READ_SECONDS
+        assert time.monotonic() - started < channel.READ_SECONDS
     (mnt / "f").write_text("still serving")
     assert (mnt / "f").read_text() == "still serving"
 
@@ -240,3 +241,14 @@ def test_verb_usage_errors_are_one_line() -> None:
         result = mmfs(*args, check=False)
         assert (result.returncode, result.stderr) == (1, message)
     assert mmfs("status", "--help").stdout.startswith("usage: mmfs status [MOUNTPOINT] [--json]\n")
+
+
+def test_the_verbs_start_without_trio_or_pyfuse3(mnt: Path) -> None:
+    """They are clients: importing the daemon's libraries would triple their start-up time."""
+    code = (
+        "import sys; from mmfs import cli; cli.main(['status', sys.argv[1]]); "
+        "print(sorted({'trio', 'pyfuse3'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(mnt)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
