@@ -392,6 +392,25 @@ def test_read_only_waits_for_files_open_for_writing_as_tmpfs_does(pair: tuple[Pa
     assert remounted(pair, "ro") == [0, 0]
 
 
+def test_a_remount_the_kernel_refuses_is_undone_in_the_daemon(pair: tuple[Path, Path]) -> None:
+    """A process in a removed directory keeps the kernel from making the superblock read-only
+    (busy, on tmpfs too), which the daemon cannot see: it had agreed, and is put back as it was."""
+    for path in pair:
+        (path / "d").mkdir()
+    sleepers = [subprocess.Popen(["sleep", "60"], cwd=path / "d") for path in pair]
+    try:
+        for path in pair:
+            (path / "d").rmdir()
+        assert remounted(pair, "ro,size=2m") == [MOUNT_FAILED] * 2
+        for path in pair:
+            assert size_of(path)[0] == 1 << 20 and not os.statvfs(path).f_flag & os.ST_RDONLY
+            (path / "f").write_bytes(b"still writable")
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+
+
 def test_read_only_without_the_kernel_is_the_daemons(mnt: Path, kernel_tmpfs: Path) -> None:
     """Without the privilege to mark the kernel's superblock read-only (a user's own mount),
     the daemon alone refuses: every change that reaches it is EROFS, as on tmpfs; the kernel
