@@ -413,13 +413,15 @@ def test_a_remount_the_kernel_refuses_is_undone_in_the_daemon(pair: tuple[Path, 
 
 def test_read_only_without_the_kernel_is_the_daemons(mnt: Path, kernel_tmpfs: Path) -> None:
     """Without the privilege to mark the kernel's superblock read-only (a user's own mount),
-    the daemon alone refuses: every change that reaches it is EROFS, as on tmpfs; the kernel
-    answers first where it needs no request (a missing name, an existing one)."""
+    the daemon alone refuses: every change that reaches it is EROFS, as on tmpfs, and reads
+    leave atimes alone; the kernel answers first where it needs no request (a missing name,
+    an existing one)."""
     populate(mnt)
     populate(kernel_tmpfs)
     control.call(str(mnt), {"op": "remount", "read_only": True})
     assert not os.statvfs(mnt).f_flag & os.ST_RDONLY  # the kernel was not told
     subprocess.run(["mount", "-o", "remount,ro", str(kernel_tmpfs)], check=True)
+    assert readings(mnt) == readings(kernel_tmpfs) and readings(mnt)["atime"] == 1  # a read leaves atime alone
     assert changes(mnt) == changes(kernel_tmpfs)
     assert names_the_kernel_knows(mnt) == {"unlink missing": "ENOENT", "mkdir existing": "EEXIST"}
     assert names_the_kernel_knows(kernel_tmpfs) == {"unlink missing": "EROFS", "mkdir existing": "EEXIST"}
