@@ -80,3 +80,59 @@ def give_up_lease(fd: int) -> None:
 def holds_read_lease(fd: int) -> bool:
     """False once someone has started breaking the lease."""
     return bool(fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK)
+
+
+# --- a private mount namespace (mmfs run) ----------------------------------------
+CLONE_NEWNS, CLONE_NEWUSER = 0x20000, 0x10000000
+MS_REC, MS_PRIVATE, MNT_DETACH = 0x4000, 1 << 18, 2
+PR_SET_PDEATHSIG, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 1, 47, 2
+CAP_SYS_ADMIN = 21
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def unshare(flags: int) -> None:
+    """``unshare(2)`` (Python 3.11's os module lacks it): CLONE_NEWNS, CLONE_NEWUSER..."""
+    _check(_libc.unshare(ctypes.c_int(flags)))
+
+
+def make_mounts_private() -> None:
+    """Make every mount of this mount namespace private (``mount --make-rprivate /``):
+    nothing mounted or unmounted here propagates to another namespace, or back."""
+    _check(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None))
+
+
+def unmount(path: str, detach: bool = False) -> None:
+    """``umount2(path)``; ``detach``: MNT_DETACH, the mount goes once no one uses it."""
+    _check(_libc.umount2(os.fsencode(path), ctypes.c_int(MNT_DETACH if detach else 0)))
+
+
+def _prctl(option: int, *args: int) -> None:
+    """``prctl(2)`` with every argument an unsigned long, unused ones 0 (some options check)."""
+    padded = [ctypes.c_ulong(arg) for arg in (*args, 0, 0, 0, 0)[:4]]
+    _check(_libc.prctl(ctypes.c_int(option), *padded))
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies
+    (``PR_SET_PDEATHSIG``; kept across execve unless privileges change)."""
+    _prctl(PR_SET_PDEATHSIG, signum)
+
+
+def keep_sys_admin_across_exec() -> None:
+    """Make CAP_SYS_ADMIN, which this process must hold, an ambient capability:
+    a program it executes keeps it although its uid is not 0 (in a user
+    namespace, what mounting FUSE there needs)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data))
+    data[0].inheritable |= 1 << CAP_SYS_ADMIN
+    _check(_libc.capset(ctypes.byref(header), data))
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_SYS_ADMIN)
