@@ -21,8 +21,8 @@ How, in order:
   stderr at the end.  A direct child rather than a background daemon because
   the kernel then stops it (``PR_SET_PDEATHSIG``: SIGTERM, it unmounts) if
   ``mmfs run`` itself is killed outright; nothing is left in a namespace
-  nobody can see.  Mounted means: mmfs on DIR in our mount table and its
-  control socket present.  In a user namespace its uid is not 0, so it gets
+  nobody can see.  Mounted means: a new mmfs mount on DIR in our mount table
+  and its control socket present.  In a user namespace its uid is not 0, so it gets
   CAP_SYS_ADMIN as an ambient capability, which mounting FUSE there needs.
   LowerDir opens DIR before mounting (as root through a read-only, noatime
   clone), so DIR is never written, atimes included.
@@ -136,15 +136,16 @@ def parse(argv: list[str]) -> RunArgs:
         if name is None:
             rest.insert(0, arg)  # COMMAND starts here
             break
-        if value is None:
-            if not rest:
-                raise UsageError(f"option {name} needs a value")
+        if value is None and rest:
             value = rest.pop(0)
+        if not value:
+            raise UsageError(f"option {name} needs a value")
         given[name].append(value)
     if not rest:
         raise UsageError(f"no COMMAND given: {manual.VERBS['run'].synopsis}")
     keep = given["--keep"][-1] if given["--keep"] else None
-    return RunArgs(rest, os.path.realpath(given["--dir"][-1]), keep, given["-o"])
+    directory = os.path.realpath(os.path.join(current_directory(), given["--dir"][-1]))
+    return RunArgs(rest, directory, keep, given["-o"])
 
 
 def split_option(arg: str) -> tuple[str | None, str | None]:
@@ -160,6 +161,13 @@ def split_option(arg: str) -> tuple[str | None, str | None]:
     if arg.startswith("-") and arg != "-":
         raise UsageError(f"unknown argument: {arg!r} (see mmfs run --help)")
     return None, None
+
+
+def current_directory() -> str:
+    try:
+        return os.getcwd()
+    except OSError as error:
+        raise UsageError(f"cannot tell the current directory: {error.strerror}") from None
 
 
 def inside(path: str, directory: str) -> bool:
@@ -206,7 +214,7 @@ def open_keep(keep: str, directory: str) -> int:
 # --- the run ------------------------------------------------------------------------
 def run(args: RunArgs, keep_fd: int | None, stack: ExitStack) -> int:
     forwarder = stack.enter_context(forwarded_signals())
-    cwd, command_env = os.getcwd(), dict(os.environ)
+    cwd, command_env = current_directory(), dict(os.environ)
     in_user_namespace = enter_private_namespace()
     runtime = stack.enter_context(private_runtime_dir(args.directory))
     daemon = OverlayDaemon(args, runtime, in_user_namespace)
@@ -332,6 +340,8 @@ class OverlayDaemon:
     def __init__(self, args: RunArgs, runtime: str, in_user_namespace: bool) -> None:
         self.directory = args.directory
         self.mounted = False
+        self.reported = False  # its failure was said already
+        self.covered = mounts.mounted_at(self.directory)  # what DIR's mount is before ours
         self.log_path = os.path.join(runtime, "daemon.log")
         command = [sys.executable, "-P", "-m", "mmfs", "overlay", self.directory, self.directory, "-f"]
         if args.options:
@@ -346,66 +356,87 @@ class OverlayDaemon:
             if in_user_namespace:
                 linux.keep_sys_admin_across_exec()
 
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=env,
-                start_new_session=True, preexec_fn=in_child,
-            )
+        try:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=env,
+                    start_new_session=True, preexec_fn=in_child,
+                )
+        except (OSError, subprocess.SubprocessError) as error:
+            raise UsageError(f"cannot start the daemon: {error}") from None
 
     def wait_until_mounted(self, forwarder: Forwarder) -> None:
-        """Until mmfs is mounted on DIR and its socket is there; UsageError with the
-        daemon's own line if it gave up; Interrupted by a signal."""
+        """Until our mmfs is mounted on DIR and its socket is there; UsageError with
+        the daemon's own line if it gave up; Interrupted by a signal."""
         deadline = time.monotonic() + MOUNT_SECONDS
-        while (entry := mounts.mounted_at(self.directory)) is None or entry.fstype != "fuse.mmfs":
-            forwarder.check()
-            if self.process.poll() is not None:
-                raise UsageError(self.startup_error())
+        while (entry := self.our_mount()) is None:
+            self.check_alive(forwarder)
             if time.monotonic() > deadline:
                 raise UsageError(f"the daemon did not mount {shown(self.directory)} within {MOUNT_SECONDS} s")
             time.sleep(0.01)
         self.mounted = True
         socket_path = control.socket_of(entry)
-        deadline = time.monotonic() + SOCKET_SECONDS
-        while not os.path.exists(socket_path) and time.monotonic() < deadline and self.process.poll() is None:
-            forwarder.check()
+        deadline = time.monotonic() + SOCKET_SECONDS  # without one, only the summary and --keep will fail
+        while not os.path.exists(socket_path) and time.monotonic() < deadline:
+            self.check_alive(forwarder)
             time.sleep(0.01)
+        self.check_alive(forwarder)
+
+    def our_mount(self) -> mounts.MountEntry | None:
+        """DIR's mount once it is a new mmfs one (not one that was there before)."""
+        entry = mounts.mounted_at(self.directory)
+        if entry is None or entry.fstype != "fuse.mmfs" or entry == self.covered:
+            return None
+        return entry
+
+    def check_alive(self, forwarder: Forwarder) -> None:
         forwarder.check()
+        if self.process.poll() is not None:
+            self.reported = True
+            raise UsageError(self.startup_error())
 
     def startup_error(self) -> str:
         """The daemon's one line ("mmfs: ..."), or its exit status."""
-        self.process.wait()
         lines = [line for line in self.log_text().splitlines() if line.startswith("mmfs: ")]
         if lines:
             return lines[-1].removeprefix("mmfs: ")
         self.repeat_warnings()
-        return f"the daemon exited with status {self.process.returncode} before mounting {shown(self.directory)}"
+        return f"the daemon exited with status {self.process.returncode}"
 
     def stop(self) -> None:
         """Unmount (detach if something COMMAND left behind still uses it, and
         stop the daemon: they lose the overlay), wait for the daemon."""
-        if self.process.returncode is not None:  # reaped: it reported already
+        if self.reported:
             return
-        if self.mounted and self.process.poll() is None:
-            try:
-                linux.unmount(self.directory)
-            except OSError as error:
-                if error.errno == errno.EBUSY:
-                    say(f"{shown(self.directory)} is still in use (by what COMMAND left running): detached")
-                    linux.unmount(self.directory, detach=True)
-                elif error.errno != errno.EINVAL:  # EINVAL: COMMAND unmounted it itself
-                    say(f"cannot unmount {shown(self.directory)}: {error.strerror}")
-                self.process.terminate()
-        elif self.process.poll() is None:
+        if self.process.poll() is None and not (self.mounted and self.unmounted()):
             self.process.terminate()
         try:
             self.process.wait(timeout=DAEMON_EXIT_SECONDS)
         except subprocess.TimeoutExpired:
-            say(f"the daemon did not end within {DAEMON_EXIT_SECONDS} s after the unmount: killed")
+            say(f"the daemon did not end within {DAEMON_EXIT_SECONDS} s: killed")
             self.process.kill()
             self.process.wait()
         self.repeat_warnings()
         if self.process.returncode != 0:
             say(f"the daemon exited with status {self.process.returncode}")
+
+    def unmounted(self) -> bool:
+        """Unmount DIR; True if that ends the daemon's session (it then exits)."""
+        try:
+            linux.unmount(self.directory)
+            return True
+        except OSError as error:
+            if error.errno == errno.EINVAL:  # COMMAND unmounted it itself
+                return True
+            if error.errno != errno.EBUSY:
+                say(f"cannot unmount {shown(self.directory)}: {error.strerror}")
+                return False
+        say(f"{shown(self.directory)} is still in use (by what COMMAND left running): detached")
+        try:
+            linux.unmount(self.directory, detach=True)
+        except OSError as error:
+            say(f"cannot detach {shown(self.directory)}: {error.strerror}")
+        return False
 
     def log_text(self) -> str:
         with open(self.log_path, errors="replace") as log:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, is_mounted, wait_for
+from conftest import ROOT, Mount, is_mounted, wait_for
 from support.trees import ALL_STATS, differences, file_digest, link_groups, snapshot
 
 from mmfs import manual
@@ -321,6 +321,14 @@ def test_bad_input_is_one_line(tree: Path, args: list[str], message: str) -> Non
     done = mmfs_run(*args, cwd=tree)
     assert done.returncode == 1
     assert one_line(done.stderr) == message.format(tree=tree)
+
+
+def test_an_mmfs_mount_already_there_is_refused_not_used(mmfs_factory: Callable[..., Mount]) -> None:
+    mounted = mmfs_factory().path
+    (mounted / "file").write_text("the tmpfs mount's\n")
+    done = mmfs_run("cat", "file", cwd=mounted)
+    assert done.returncode == 1 and done.stdout == b""
+    assert one_line(done.stderr) == f"mmfs run: already mounted: {mounted}"
 
 
 # --- as a normal user ---------------------------------------------------------------------
