@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import control
-from .changes import Change, diff, error_text, join
+from .changes import Change, diff, error_text, join, quote_path
 from .fs import ROOT_INO, Filesystem, FsError
 from .inode import Inode
 from .linux import openat2_beneath
@@ -124,7 +124,7 @@ def export(fs: Filesystem, dirfd: int) -> ExportReport:
                 steps = list(walk(fs, plan))
         except (OSError, FsError) as error:
             raise control.RequestError(f"export: cannot read LOWERDIR: {error_text(error)}") from None
-        writer = Writer(fs, root)
+        writer = Writer(root)
         writer.run(steps)
         return writer.report
     finally:
@@ -194,8 +194,7 @@ def complete_links(fs: Filesystem, plan: Plan, steps: list[Step]) -> bool:
 class Writer:
     """Carries out the steps in DIR."""
 
-    def __init__(self, fs: Filesystem, root: int) -> None:
-        self.fs = fs
+    def __init__(self, root: int) -> None:
         self.report = ExportReport()
         self.directories: list[int] = [root]  # descriptors of the directories entered, DIR first
         self.first_names: dict[int, bytes] = {}  # inode number -> the path its bytes were written at
@@ -207,7 +206,7 @@ class Writer:
                 try:
                     self.do(step)
                 except (OSError, FsError) as error:
-                    shown = os.fsdecode(step.path or b".")
+                    shown = quote_path(step.path or b".")
                     raise control.RequestError(f"export: {shown}: {error_text(error)}") from None
         finally:
             for fd in self.directories[1:]:
@@ -283,7 +282,9 @@ class Writer:
         assert content is not None
         offset = 0
         while offset < content.size:
-            data = bytes(content.read(offset, CHUNK))
+            data = content.read(offset, CHUNK)
+            if isinstance(data, memoryview):
+                data = bytes(data)
             if data != ZERO_CHUNK[: len(data)]:
                 for start, end in data_runs(data):
                     os.pwrite(fd, memoryview(data)[start:end], offset + start)
@@ -327,7 +328,7 @@ class Writer:
             self.report.xattrs_not_kept += 1
 
 
-def data_runs(data: bytes) -> Iterator[tuple[int, int]]:
+def data_runs(data: bytes | bytearray) -> Iterator[tuple[int, int]]:
     """(start, end) of each run of pages of ``data`` that are not all zeros."""
     if data.find(ZERO_PAGE) < 0:  # no page can be all zeros
         yield 0, len(data)

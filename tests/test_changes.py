@@ -13,8 +13,10 @@ overlayfs.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -431,3 +433,44 @@ def test_diff_in_tmpfs_mode_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OSError) as closed:
         os.fstat(fd)
     assert closed.value.errno == errno.EBADF
+
+
+def test_export_as_a_user_marks_opaque_directories_with_user_xattrs_and_counts_what_it_cannot_keep(
+    fs: Filesystem, tmp_path: Path
+) -> None:
+    """Run in a child that becomes nobody: owners it cannot give and trusted.*
+    xattrs are counted, not errors; opaque is ``user.overlay.opaque``."""
+    nobody = 65534
+    rename(fs, b"dir/sub", b"empty")
+    fs.setattr(ino(fs, b"top.txt"), Attrs(uid=1000))
+    fs.setxattr(ino(fs, b"top.txt"), b"trusted.note", b"root only")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    os.chown(upper, nobody, nobody)
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)  # the way there is root's only
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.setgroups([])
+            os.setresgid(nobody, nobody, nobody)
+            os.setresuid(nobody, nobody, nobody)
+            os.write(writing, json.dumps(asdict(export(fs, fd))).encode())
+            status = 0
+        except (OSError, control.RequestError) as error:  # told to the parent, which fails the test
+            os.write(writing, repr(error).encode())
+        finally:
+            os._exit(status)
+    os.close(writing)
+    os.close(fd)
+    with os.fdopen(reading, "rb") as pipe:
+        sent = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0, sent
+    report = json.loads(sent)
+    assert report["opaque_directories"] == 1 and report["xattrs_not_kept"] == 1
+    assert report["files"] == 3 and report["directories"] == 3  # top.txt, and the copy of sub in empty
+    assert report["owners_not_kept"] == 3 + 3 + 1  # every one (root's, or uid 1000) and DIR itself
+    assert os.getxattr(upper / "empty", b"user.overlay.opaque") == b"y"
+    assert os.lstat(upper / "top.txt").st_uid == nobody
+    assert os.getxattr(upper / "top.txt", b"user.tag") == b"lower"
