@@ -56,6 +56,7 @@ signal handlers only record or forward.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -408,7 +409,8 @@ class OverlayDaemon:
         stop the daemon: they lose the overlay), wait for the daemon."""
         if self.reported:
             return
-        if self.process.poll() is None and not (self.mounted and self.unmounted()):
+        terminated = self.process.poll() is None and not (self.mounted and self.unmounted())
+        if terminated:
             self.process.terminate()
         try:
             self.process.wait(timeout=DAEMON_EXIT_SECONDS)
@@ -417,7 +419,7 @@ class OverlayDaemon:
             self.process.kill()
             self.process.wait()
         self.repeat_warnings()
-        if self.process.returncode != 0:
+        if self.process.returncode not in (0, -signal.SIGTERM if terminated else 0):  # (before its handler was in)
             say(f"the daemon exited with status {self.process.returncode}")
 
     def unmounted(self) -> bool:
@@ -445,8 +447,8 @@ class OverlayDaemon:
     def repeat_warnings(self) -> None:
         """The daemon's records at WARNING or worse (with their tracebacks), on stderr."""
         text = self.log_text()
-        starts = [match.start() for match in RECORD.finditer(text)]
-        for start, end in zip(starts, [*starts[1:], len(text)], strict=True):
+        bounds = [*(match.start() for match in RECORD.finditer(text)), len(text)]
+        for start, end in itertools.pairwise(bounds):
             record = text[start:end]
             if record.split(" ", 2)[1] not in ("DEBUG", "INFO"):
                 sys.stderr.write(record if record.endswith("\n") else record + "\n")

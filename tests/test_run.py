@@ -243,6 +243,11 @@ def is_gone(pid: int) -> bool:
     return False
 
 
+def daemons_of(pid: int) -> list[int]:
+    """The children of ``pid`` that run an mmfs daemon (already executed)."""
+    return [child for child in children(pid) if "overlay" in cmdline(child)]
+
+
 def start_waiting_command(tree: Path, ready: Path, command: str) -> tuple[subprocess.Popen[bytes], int]:
     """``mmfs run`` of ``command``, in a process group of its own, once the command
     said it is ready; and its daemon's pid.  Meanwhile the overlay is checked to be
@@ -251,7 +256,7 @@ def start_waiting_command(tree: Path, ready: Path, command: str) -> tuple[subpro
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert wait_for(lambda: ready.exists() or run.poll() is not None, 20), run.communicate()
     assert run.poll() is None, run.communicate()
-    daemons = [pid for pid in children(run.pid) if "overlay" in cmdline(pid)]
+    daemons = daemons_of(run.pid)
     assert len(daemons) == 1, [cmdline(pid) for pid in children(run.pid)]
     with open(f"/proc/{daemons[0]}/mountinfo", "rb") as table:
         assert f" {tree} ".encode() in table.read()  # mounted in the daemon's namespace
@@ -301,6 +306,20 @@ def test_options_reach_the_daemon(tree: Path) -> None:
     done = mmfs_run("-o", "ro", "--", "sh", "-c", "echo x > new 2>/dev/null || exit 9", cwd=tree)
     assert done.returncode == 9, done.stderr.decode()
     assert not (tree / "new").exists()
+
+
+def test_sigterm_while_the_daemon_starts(tree: Path) -> None:
+    """SIGTERM as soon as the daemon is there (most likely before it has mounted):
+    exit status 143, nothing left, no other message."""
+    run = subprocess.Popen([*RUN, "sleep", "30"], cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_for(lambda: run.poll() is not None or bool(daemons_of(run.pid)), 20, interval=0.002)
+    [daemon] = daemons_of(run.pid)
+    runtime = runtime_dir_of(daemon)
+    os.kill(run.pid, signal.SIGTERM)
+    _, stderr = run.communicate(timeout=20)
+    assert run.returncode == 128 + signal.SIGTERM
+    assert stderr.decode() in ("", f"mmfs run: no changes in {tree}\n")
+    assert is_gone(daemon) and not runtime.exists()
 
 
 # --- bad input ------------------------------------------------------------------------
