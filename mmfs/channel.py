@@ -190,6 +190,7 @@ def handle_status(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
         "lowerdir": config.lowerdir,
         "size": stats.pages * page,
         "bytes_used": daemon.bytes_held(),
+        "read_only": daemon.operations.read_only,
         "nr_inodes": stats.inodes,
         "inodes_used": fs.inode_count(),
         "pid": os.getpid(),

@@ -27,6 +27,7 @@ FILE_FORMAT = "%(asctime)s mmfs[%(process)d] %(levelname)s %(name)s: %(message)s
 SYSLOG_FORMAT = "mmfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
 STDERR_FORMAT = "mmfs %(levelname)s %(name)s: %(message)s"
 SYSLOG_SOCKET = "/dev/log"
+REMOUNT_FAILED = 32  # mount(8)'s status when a mount or remount is refused, as for tmpfs (remount.FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_text(str(text))
     except UsageError as error:
         print(f"mmfs: {error}", file=sys.stderr)
-        return 1
+        return REMOUNT_FAILED if "remount" in ",".join(args).split(",") else 1
     if config.foreground:
         return run_foreground(config, log_file)
     return run_background(config, log_file)

@@ -122,7 +122,7 @@ def limit(value: int, shown_as: Callable[[int], str] = str) -> str:
 def status_text(reply: dict[str, Any]) -> str:
     """The status of one mount, a few aligned lines."""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(reply["mounted_at"]))
-    rows = [("mode", reply["mode"]), ("source", reply["source"])]
+    rows = [("mode", reply["mode"] + (", read-only" if reply["read_only"] else "")), ("source", reply["source"])]
     if reply["lowerdir"] is not None:
         rows.append(("lowerdir", shown(reply["lowerdir"])))
     rows += [

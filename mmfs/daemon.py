@@ -100,7 +100,7 @@ def build(config: MountConfig) -> Daemon:
         root_mode=config.mode, root_uid=config.uid, root_gid=config.gid,
     )
     if config.lowerdir is None:
-        return Daemon(config, Filesystem(lambda: AnonContent(arena), settings, space=arena), arena)
+        return read_only_if_asked(Daemon(config, Filesystem(lambda: AnonContent(arena), settings, space=arena), arena))
     lower = open_lower(config.lowerdir)
     maps = MapBudget(map_limit())
 
@@ -109,7 +109,14 @@ def build(config: MountConfig) -> Daemon:
         return CowContent(arena, maps, lambda: lower.open(path), entry.st.st_size, entry.st.st_blocks)
 
     fs = Filesystem(lambda: AnonContent(arena), settings, space=arena, lower=lower, lower_content=lower_content)
-    return Daemon(config, fs, arena, maps)
+    return read_only_if_asked(Daemon(config, fs, arena, maps))
+
+
+def read_only_if_asked(daemon: Daemon) -> Daemon:
+    """``-o ro``: the kernel refuses changes; the model must not stamp atimes either."""
+    if "ro" in daemon.config.fuse_options:
+        remount.set_read_only(daemon, True)
+    return daemon
 
 
 # Under an address space limit, room kept for the daemon's own heap, stacks and

@@ -61,7 +61,7 @@ OPTIONS = [
     Option("gid=N", "group of the root directory", "0", "LOWERDIR's"),
     Option("lowerdir=DIR", "overlay mode on DIR (the mount -t fuse.mmfs form)", "none: tmpfs mode"),
     Option("allow_other", "let other users use the mount (FUSE)", "off"),
-    Option("ro", "read-only mount", "off"),
+    Option("ro", "read-only mount; remount,ro and remount,rw switch a running one", "off"),
     Option("fsname=NAME", "name shown by df and /proc/mounts", "SOURCE"),
     Option("log=FILE", "where a daemon in the background logs (appended); - means syslog",
            f"syslog, or without /dev/log {ROOT_LOG} (root) or {USER_LOG}"),
@@ -99,6 +99,19 @@ LOGGING = (
     f"else to syslog, else (no /dev/log, as in most containers) to {ROOT_LOG} when run by root and "
     f"to {USER_LOG} otherwise. Crash reports and stack dumps (kill -USR1 PID) go to the same place, "
     "and so do the requests served so far by kind (kill -USR2 PID; also logged at unmount)."
+)
+
+REMOUNT = (
+    "mount -o remount,OPTIONS MOUNTPOINT changes a running mount, in either mode, as on tmpfs: size= and "
+    "nr_inodes= take effect at once (df shows them); ro makes every change fail with EROFS (reads still work "
+    "and leave atimes alone); rw makes it writable again. A remount is refused with one line and exit status "
+    "32 (what mount(8) gives for tmpfs), and nothing changes, when: size= or nr_inodes= is below what is in "
+    "use; a limit is asked of a mount made with size=0 or nr_inodes=0 (unlimited); ro is asked while a file "
+    "is open for writing or deleted but open (busy); lowerdir= names another directory. Other options keep "
+    "their values from mount time: tmpfs also ignores mode=, uid= and gid= on remount, and mount and atime "
+    "flags are not changed either. Run by root, the kernel marks the mount read-only too (statvfs and "
+    "/proc/mounts show ro). For a user's own mount, the daemon alone refuses the changes, so removing a "
+    "missing name answers ENOENT where tmpfs says EROFS."
 )
 
 FSYNC = (
@@ -206,6 +219,9 @@ def help_text(mode: str | None = None) -> str:
             lines.append(f"  {name}")
             lines.append(_wrap(verb.meaning.split(". ")[0].rstrip(".") + ".", "      "))
         lines.append("")
+    lines.append("remounting:")
+    lines.append(_wrap(REMOUNT))
+    lines.append("")
     lines.append("unmounting:")
     lines.append(_wrap(UNMOUNT))
     lines.append("")
@@ -242,7 +258,8 @@ def man_page() -> str:
     out += [".SH FLAGS"]
     for flag, meaning in FLAGS:
         out += [".TP", ".B " + _roff(flag), _roff(meaning)]
-    out += [".SH UNMOUNTING", _roff(UNMOUNT), ".SH LOGGING", _roff(LOGGING), ".SH FSYNC", _roff(FSYNC)]
+    out += [".SH REMOUNTING", _roff(REMOUNT), ".SH UNMOUNTING", _roff(UNMOUNT)]
+    out += [".SH LOGGING", _roff(LOGGING), ".SH FSYNC", _roff(FSYNC)]
     out += [".SH SEE ALSO", _roff("tmpfs(5), mount(8), mount.fuse3(8), fusermount3(1)")]
     return "\n".join(out) + "\n"
 
