@@ -10,6 +10,7 @@ overlay is mounted (which reads it: directory atimes).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -18,12 +19,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import Mount, mmfs_command
-from support.trees import ALL_STATS, differences, extents_digest, join, snapshot
+import pytest
+from conftest import Mount, mmfs_command, mounted_kernel_tmpfs
+from support.differential import Side, operations, run_differential
+from support.trees import ALL_STATS, Tree, differences, extents_digest, file_digest, join, snapshot
 from support.trees import compare_trees as compare
+from test_overlay import GENERATORS, OverlayDraw, freeze
+from test_overlay import build_lower as build_rich_lower
 
 Factory = Callable[..., Mount]
 MiB = 1 << 20
+RANDOM_STEPS = 300
 OLD_NS = 1_000_000_000 * 10**9
 
 
@@ -161,6 +167,22 @@ def lower_snapshot(root: Path) -> dict[bytes, dict[str, object]]:
     return snapshot(root, stats=ALL_STATS, content=extents_digest, target=False)
 
 
+def compare_with_kernel_overlay(merged: Path, mount: Mount, label: str) -> None:
+    """The kernel overlay of LOWERDIR and the export shows what the mount shows.
+
+    Directories: their link counts and sizes are each filesystem's own
+    (overlayfs counts a merged directory's links and entries its way), and
+    st_blocks of a copied file holds the pages written, which is mmfs's
+    business.  Atimes and ctimes are never the same across filesystems."""
+
+    def skip(rel: bytes, key: str) -> bool:
+        directory = stat.S_ISDIR(os.lstat(join(merged, rel)).st_mode)
+        return key == "blocks" or directory and key in ("nlink", "size")
+
+    stats = ("type", "mode", "uid", "gid", "size", "nlink", "rdev", "blocks", "mtime_ns")
+    compare(merged, mount.path, label, stats=stats, skip=skip, labels=("kernel overlayfs", "mmfs"))
+
+
 def test_diff_and_export_of_changes_made_by_real_tools(mmfs_factory: Factory, kernel_tmpfs: Path) -> None:
     lower, upper = kernel_tmpfs / "lower", kernel_tmpfs / "upper"
     build_lower(lower)
@@ -176,7 +198,7 @@ def test_diff_and_export_of_changes_made_by_real_tools(mmfs_factory: Factory, ke
     assert [record["change"] + " " + record["path"] for record in records][:3] == ["M .", "M bin/tool", "M data"]
     odd = [record for record in records if "path_base64" in record]
     assert len(odd) == 1 and odd[0]["change"] == "A"
-    assert __import__("base64").b64decode(odd[0]["path_base64"]) == b"odd/\xffname"
+    assert base64.b64decode(odd[0]["path_base64"]) == b"odd/\xffname"
 
     exported = mmfs("export", mount.path, upper)
     assert exported.returncode == 0, exported.stderr
@@ -185,16 +207,69 @@ def test_diff_and_export_of_changes_made_by_real_tools(mmfs_factory: Factory, ke
     assert os.getxattr(upper / "target", b"trusted.overlay.opaque") == b"y"
     assert stat.S_ISCHR(os.lstat(upper / "tree").st_mode) and not os.path.exists(upper / "tree" / "y")
     with kernel_overlay(kernel_tmpfs, lower, upper) as merged:
-        # Directories: their link counts and sizes are each filesystem's own
-        # (overlayfs counts a merged directory's links and entries its way), and
-        # st_blocks of a copied file holds the pages written, which is mmfs's
-        # business.  Atimes and ctimes are never the same across filesystems.
-        def skip(rel: bytes, key: str) -> bool:
-            directory = stat.S_ISDIR(os.lstat(join(merged, rel)).st_mode)
-            return key == "blocks" or directory and key in ("nlink", "size")
+        compare_with_kernel_overlay(merged, mount, "export")
 
-        stats = ("type", "mode", "uid", "gid", "size", "nlink", "rdev", "blocks", "mtime_ns")
-        compare(merged, mount.path, "export", stats=stats, skip=skip, labels=("kernel overlayfs", "mmfs"))
+
+# --- random changes ---------------------------------------------------------------------
+COMPARED = ("type", "mode", "uid", "gid", "rdev", "mtime_ns", "content", "target", "xattrs")  # and below
+
+
+def differing_paths(lower: Tree, mounted: Tree) -> dict[str, set[bytes]]:
+    """What a diff must say at least, from two snapshots: the paths only in
+    one tree, and those whose compared fields differ (the link count of
+    non-directories, and the size of regular files, count too)."""
+
+    def changed(rel: bytes) -> bool:
+        was, now = lower[rel], mounted[rel]
+        keys = COMPARED + (("nlink", "size") if now["type"] != stat.S_IFDIR else ())
+        return any(was.get(key) != now.get(key) for key in keys)
+
+    return {
+        "A": set(mounted.keys() - lower.keys()),
+        "D": set(lower.keys() - mounted.keys()),
+        "M": {rel for rel in lower.keys() & mounted.keys() if changed(rel)},
+    }
+
+
+def reported(mount: Mount) -> dict[str, set[bytes]]:
+    """``mmfs diff --json``, by kind; the root as b"" (as in snapshots)."""
+    listed = mmfs("diff", mount.path, "--json")
+    assert listed.returncode == 0, listed.stderr
+    found: dict[str, set[bytes]] = {"A": set(), "D": set(), "M": set()}
+    for record in json.loads(listed.stdout):
+        path = base64.b64decode(record["path_base64"]) if "path_base64" in record else record["path"].encode()
+        found[record["change"]].add(b"" if path == b"." else path)
+    return found
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_changes_diff_and_export(seed: int, tmp_path: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
+    """Seeded random operations (the overlay differential's, checked against a
+    tmpfs copy on the way); then the diff holds every path that differs by its
+    snapshot (and more only where content was written or another file took a
+    name: a change the snapshot cannot see), and the export mounted with kernel
+    overlayfs shows the mount's tree.  LOWERDIR is on tmp_path's filesystem: on
+    tmpfs, a write into a hole of a lower file fills that hole in LOWERDIR."""
+    lower = tmp_path / "lower"
+    build_rich_lower(lower)
+    baseline = freeze(lower, kernel_tmpfs)
+    mount = mmfs_factory("overlay", str(lower), options="size=1g")
+    oracle, subject = Side(kernel_tmpfs, stat_blocks=False), Side(mount.path, stat_blocks=False)
+    run_differential(oracle, subject, operations(OverlayDraw(seed, oracle), GENERATORS, RANDOM_STEPS), seed)
+    stats = ("type", "mode", "uid", "gid", "size", "nlink", "rdev", "mtime_ns")
+    must = differing_paths(snapshot(lower, stats=stats, content=file_digest), snapshot(mount.path, stats=stats,
+                                                                                       content=file_digest))
+    found = reported(mount)
+    assert (found["A"], found["D"]) == (must["A"], must["D"])
+    assert must["M"] <= found["M"], sorted(must["M"] - found["M"])
+    assert found["M"] <= baseline.tree.keys()
+    with mounted_kernel_tmpfs(tmp_path / "layers", "size=1g") as layers:
+        upper = layers / "upper"
+        exported = mmfs("export", mount.path, upper)
+        assert exported.returncode == 0, exported.stderr
+        baseline.check()  # before overlayfs reads LOWERDIR's directories (their atimes)
+        with kernel_overlay(layers, lower, upper) as merged:
+            compare_with_kernel_overlay(merged, mount, f"seed {seed}")
 
 
 def test_export_into_a_directory_that_is_not_empty_writes_nothing(mmfs_factory: Factory, tmp_path: Path) -> None:
