@@ -22,10 +22,14 @@ How, in order:
   the kernel then stops it (``PR_SET_PDEATHSIG``: SIGTERM, it unmounts) if
   ``mmfs run`` itself is killed outright; nothing is left in a namespace
   nobody can see.  Mounted means: a new mmfs mount on DIR in our mount table
-  and its control socket present.  In a user namespace its uid is not 0, so it gets
-  CAP_SYS_ADMIN as an ambient capability, which mounting FUSE there needs.
-  LowerDir opens DIR before mounting (as root through a read-only, noatime
-  clone), so DIR is never written, atimes included.
+  and its control socket present.  In a user namespace its uid is not 0, so
+  it gets CAP_SYS_ADMIN as an ambient capability, which mounting FUSE there
+  needs.  LowerDir opens DIR before mounting (as root through a read-only,
+  noatime clone), so DIR is never written, atimes included.  Without root the
+  clone cannot be made noatime (a user namespace may not change the atime
+  flags of the mounts it was given): files are opened O_NOATIME where the
+  kernel allows it (the caller's own), and a symlink's atime may change when
+  its directory is listed.
 * **The control channel** of that daemon lives in a private 0700 directory
   (``MMFS_RUNTIME_DIR`` for the daemon and for our ``control.call``), so its
   socket is not mixed with the system's; it is chosen outside DIR, as the
@@ -456,9 +460,7 @@ class OverlayDaemon:
 
 def run_command(command: list[str], cwd: str, env: dict[str, str], forwarder: Forwarder) -> int | None:
     """COMMAND's exit status as a shell gives it; None if a signal came before it started."""
-    try:
-        forwarder.check()
-    except Interrupted:
+    if forwarder.pending is not None:
         return None
     try:
         child = subprocess.Popen(command, cwd=cwd, env=env)
