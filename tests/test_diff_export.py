@@ -29,7 +29,7 @@ from test_overlay import build_lower as build_rich_lower
 
 Factory = Callable[..., Mount]
 MiB = 1 << 20
-RANDOM_STEPS = 300
+RANDOM_STEPS = 400
 OLD_NS = 1_000_000_000 * 10**9
 
 
@@ -242,7 +242,7 @@ def reported(mount: Mount) -> dict[str, set[bytes]]:
     return found
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(4))
 def test_random_changes_diff_and_export(seed: int, tmp_path: Path, kernel_tmpfs: Path, mmfs_factory: Factory) -> None:
     """Seeded random operations (the overlay differential's, checked against a
     tmpfs copy on the way); then the diff holds every path that differs by its
