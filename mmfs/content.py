@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from .arena import PAGE, PAGES_PER_SLOT, SLOT, Account, Arena, Buffer, NoSpace
-from .linux import holds_read_lease
+from .linux import holds_read_lease, in_memory_filesystem
 from .maps import MapBudget
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,9 @@ class CowContent:
 
     Bytes [0, lower_size) come from the backing file: read with pread until the
     first write, then from a ``MAP_PRIVATE`` map of it, where the kernel copies
-    exactly the pages written.  Where no map may be had (``MapBudget``), written
+    exactly the pages written.  Where no map may be had (``MapBudget``), or where
+    the backing file lives on tmpfs or ramfs (a write fault on a private map of
+    a hole there would first allocate that page in the backing file), written
     pages are copied into the arena instead, page by page.  ``lower_size`` only
     ever shrinks (truncate), so everything at or beyond it lives in ``tail``, an
     ``AnonContent`` addressed by file offset: truncate-then-extend reads zeros.
@@ -435,7 +437,7 @@ class CowContent:
 
     def _lower_write(self, offset: int, data: memoryview) -> int:
         if self.map is None and not self.copying:
-            if self.lower_size > COPY_UP_LIMIT:
+            if self.lower_size > COPY_UP_LIMIT and not in_memory_filesystem(self._backing_fd()):
                 self.map = self.maps.try_map(self, self._backing_fd(), self.original_size)
             self.copying = self.map is None
         if self.map is not None:

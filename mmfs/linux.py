@@ -3,7 +3,9 @@
 ``open_tree``/``mount_setattr`` (a private read-only clone of a mount),
 ``openat2`` (path resolution confined beneath a directory), file leases
 (``F_SETLEASE``: the kernel holds back a writer until the lease is given up),
-and the mmap flag Python 3.11 does not export.  Thin wrappers: errors are
+the mmap flag Python 3.11 does not export, the type of a file's filesystem
+(``fstatfs``), and for ``mmfs run``'s namespace: unshare, mount propagation,
+umount2, the parent-death signal and ambient capabilities.  Thin wrappers: errors are
 ``OSError`` with the kernel's errno.
 """
 
@@ -46,13 +48,13 @@ def private_readonly_clone(path: str) -> int:
     fd = int(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(path), flags))
     if fd < 0:
         return -1
-    attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME | MOUNT_ATTR_NOSYMFOLLOW | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
-    request = _MountAttr(attrs, MOUNT_ATTR__ATIME, 0, 0)
+    attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSYMFOLLOW | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
     flags = AT_EMPTY_PATH | AT_RECURSIVE
-    if _libc.syscall(SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(request), ctypes.sizeof(request)) < 0:
-        os.close(fd)
-        return -1
-    return fd
+    for request in (_MountAttr(attrs | MOUNT_ATTR_NOATIME, MOUNT_ATTR__ATIME, 0, 0), _MountAttr(attrs, 0, 0, 0)):
+        if _libc.syscall(SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(request), ctypes.sizeof(request)) == 0:
+            return fd  # the second: the atime flags are locked (a user namespace's copy of its parent's mounts)
+    os.close(fd)
+    return -1
 
 
 def openat2_beneath(dirfd: int, path: bytes, flags: int) -> int:
@@ -77,6 +79,22 @@ def give_up_lease(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
 
+TMPFS_MAGIC, RAMFS_MAGIC = 0x01021994, 0x858458F6
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+
+def in_memory_filesystem(fd: int) -> bool:
+    """Whether an open file lives on tmpfs or ramfs, whose pages are the file:
+    a write fault on a private map of a hole there first allocates that page in
+    the file itself (and is SIGBUS when that filesystem is full)."""
+    found = _StatFs()
+    _check(_libc.fstatfs(fd, ctypes.byref(found)))
+    return found.f_type in (TMPFS_MAGIC, RAMFS_MAGIC)
+
+
 def holds_read_lease(fd: int) -> bool:
     """False once someone has started breaking the lease."""
     return bool(fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK)
@@ -84,7 +102,7 @@ def holds_read_lease(fd: int) -> bool:
 
 # --- a private mount namespace (mmfs run) ----------------------------------------
 CLONE_NEWNS, CLONE_NEWUSER = 0x20000, 0x10000000
-MS_REC, MS_PRIVATE, MNT_DETACH = 0x4000, 1 << 18, 2
+MS_REC, MS_SLAVE, MNT_DETACH = 0x4000, 1 << 19, 2
 PR_SET_PDEATHSIG, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 1, 47, 2
 CAP_SYS_ADMIN = 21
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -103,10 +121,13 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)))
 
 
-def make_mounts_private() -> None:
-    """Make every mount of this mount namespace private (``mount --make-rprivate /``):
-    nothing mounted or unmounted here propagates to another namespace, or back."""
-    _check(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None))
+def make_mounts_slaves() -> None:
+    """Make every mount of this mount namespace a slave (``mount --make-rslave /``):
+    nothing mounted here propagates out, while mounts and unmounts made outside
+    still propagate in.  (Private mounts would keep a copy of every other mount
+    alive here after its owner unmounted it: a FUSE daemon would never see its
+    session end while this namespace lives.)"""
+    _check(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_SLAVE), None))
 
 
 def unmount(path: str, detach: bool = False) -> None:

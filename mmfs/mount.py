@@ -121,8 +121,8 @@ def widen_readahead(mountpoint: str) -> None:
     reads then take a quarter of the requests.  Best effort (needs root).
     ``mountpoint`` is a real path: nothing here may touch the new mount."""
     entry = mounts.mounted_at(mountpoint)
-    if entry is None or entry.fstype != "fuse.mmfs":
-        log.warning("cannot widen readahead: no mmfs mount found on %s", mountpoint)
+    if entry is None or entry.fstype != "fuse.mmfs":  # unmounted already, e.g. right after INIT
+        log.debug("cannot widen readahead: no mmfs mount found on %s", mountpoint)
         return
     try:
         with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as setting:

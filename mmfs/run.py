@@ -280,7 +280,7 @@ def forwarded_signals() -> Iterator[Forwarder]:
 
 
 def enter_private_namespace() -> bool:
-    """A mount namespace of our own, all mounts private; True if it took a user
+    """A mount namespace of our own, whose mounts never propagate out; True if it took a user
     namespace (no privilege to unshare the mount namespace alone)."""
     uid, gid = os.geteuid(), os.getegid()
     try:
@@ -295,9 +295,9 @@ def enter_private_namespace() -> bool:
         map_own_ids(uid, gid)
         in_user_namespace = True
     try:
-        linux.make_mounts_private()
+        linux.make_mounts_slaves()
     except OSError as error:
-        raise UsageError(f"cannot make the mounts of a new namespace private: {error.strerror}") from None
+        raise UsageError(f"cannot keep the mounts of a new namespace to itself: {error.strerror}") from None
     return in_user_namespace
 
 

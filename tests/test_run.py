@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Mount, is_mounted, wait_for
+from conftest import ROOT, Mount, is_mounted, mounted_kernel_tmpfs, start_mmfs, stop_mmfs, wait_for
 from support.trees import ALL_STATS, differences, file_digest, link_groups, snapshot
 
 from mmfs import manual
@@ -445,3 +445,23 @@ def test_help() -> None:
     done = subprocess.run([*RUN, "--help"], capture_output=True, timeout=30)
     assert done.returncode == 0 and done.stdout.decode().startswith("usage: mmfs run "), done.stderr.decode()
 
+
+
+def test_mounts_unmounted_outside_end_while_a_run_goes_on(tree: Path, tmp_path: Path) -> None:
+    """The run's mounts are slaves: an unmount made outside reaches its copy of a
+    shared mount, so another mmfs mount unmounted meanwhile ends its daemon at
+    once instead of living on in the run's namespace until the run ends.  (Where
+    the mount holding it is private, as "/" is in some containers, the kernel
+    has no way to tell the copy; hence the shared tmpfs made here.)"""
+    with mounted_kernel_tmpfs(tmp_path / "shared", "size=1m") as shared:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        (shared / "mnt").mkdir()
+        other = start_mmfs(shared / "mnt", tmp_path / "other.log", "tmpfs")
+        ready = tmp_path / "ready"
+        run, _ = start_waiting_command(tree, ready, f"touch {ready}; exec sleep 60")
+        try:
+            stop_mmfs(other)  # unmounts, and requires the daemon to exit 0 within seconds
+            assert run.poll() is None
+        finally:
+            os.killpg(run.pid, signal.SIGTERM)
+            run.communicate(timeout=20)
