@@ -164,11 +164,18 @@ VERBS = {
     ),
     "run": Verb(
         "mmfs run [-o OPTIONS] [--dir DIR] [--keep UPPERDIR] -- COMMAND [ARGS...]",
-        "Run COMMAND in a mount namespace of its own where DIR (default: the current directory) is "
-        "overlaid by mmfs at its own path: other processes never see the overlay and DIR is never written. "
-        "When COMMAND exits, print a summary of the diff on stderr, export it to UPPERDIR with --keep, "
-        "unmount and exit with COMMAND's status. Ctrl-C and SIGTERM reach COMMAND; the cleanup still "
-        "happens.",
+        "Run COMMAND in a mount namespace of its own where DIR (default: the current directory) is overlaid "
+        "by mmfs in overlay mode (-o OPTIONS as for mmfs overlay) at its own path: other processes never see "
+        "the overlay, and DIR is never written (as root, not even an atime). COMMAND keeps the caller's "
+        "environment, stdin, stdout, stderr and working directory (on the overlay when under DIR). When it "
+        "exits, mmfs run prints on stderr how many paths were added, deleted and changed and the first ten "
+        "as mmfs diff shows them, writes the changes to UPPERDIR with --keep (made if missing; it must be "
+        "empty and outside DIR) as mmfs export does, unmounts, and exits with COMMAND's status: 128+N if "
+        "signal N killed it, 127 if it was not found, 126 if it could not be run, 1 if mmfs run itself "
+        "failed or --keep could not be written. Ctrl-C reaches COMMAND from the terminal; SIGTERM and SIGHUP "
+        "sent to mmfs run are passed on to it; the cleanup happens either way. Processes COMMAND left running "
+        "on the overlay lose it. As a normal user mmfs run needs unprivileged user namespaces and read-write "
+        "access to /dev/fuse, and says in one line which is missing.",
     ),
 }
 
