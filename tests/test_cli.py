@@ -195,6 +195,7 @@ def test_readahead_of_no_mount_touches_nothing(caplog: pytest.LogCaptureFixture,
         return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
 
     mount.open = spying_open  # type: ignore[attr-defined]
+    caplog.set_level("DEBUG", logger="mmfs.mount")
     try:
         mount.widen_readahead(str(tmp_path))
     finally:
