@@ -79,6 +79,8 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Mount, call ``ready()``, and serve until the mount ends."""
     daemon = build(config)
     mountpoint = os.path.realpath(config.mountpoint)  # resolving it after the mount would deadlock
+    for signum in (signal.SIGIO, signal.SIGUSR2):  # until trio's receivers take them: never their default, exit
+        signal.signal(signum, signal.SIG_IGN)
     pyfuse3.init(daemon.operations, mountpoint, fuse_options(config))
     daemon.mountpoint, daemon.mounted_at = mountpoint, time.time()
     os.chdir("/")  # never pin the caller's directory (its filesystem could not be unmounted)

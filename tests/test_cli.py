@@ -348,6 +348,13 @@ def test_too_small_an_address_space_limit_is_one_line(tmp_path: Path, foreground
 
 
 # --- work outside requests never ends the daemon -------------------------------
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (SigCgt in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught >> (signum - 1) & 1)
+
+
 @pytest.mark.parametrize("task", ["readahead", "lease break"])
 def test_a_bug_in_a_daemon_task_is_contained(tmp_path: Path, task: str) -> None:
     lower, mountpoint = tmp_path / "lower", tmp_path / "mnt"
@@ -363,6 +370,7 @@ def test_a_bug_in_a_daemon_task_is_contained(tmp_path: Path, task: str) -> None:
     mount = start_patched(patch, mountpoint, tmp_path / "mmfs.log", "overlay", str(lower))
     try:
         if task == "lease break":
+            assert wait_for(lambda: catches(mount.process.pid, signal.SIGIO))  # trio's receiver is in place
             os.kill(mount.process.pid, signal.SIGIO)  # as the kernel sends it when a lease breaks
         assert wait_for(lambda: f"injected {task} bug" in mount.log_text()), mount.log_text()
         (mountpoint / "new").write_bytes(b"after the bug")
