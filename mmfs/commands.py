@@ -17,6 +17,7 @@ from typing import Any
 
 from . import control, manual, mounts
 from .options import HelpRequested, UsageError, shown
+from .quoting import quote_path
 
 
 def main(verb: str, argv: list[str]) -> int:
@@ -151,8 +152,6 @@ def status_line(reply: dict[str, Any]) -> str:
 
 # --- diff -------------------------------------------------------------------------
 def diff(args: Args) -> int:
-    from .changes import quote_path
-
     changes = control.call(args.positional[0], {"op": "diff"})["changes"]
     if "--json" in args.flags:
         print(json.dumps([json_change(kind, os.fsencode(path)) for kind, path in changes], indent=1))

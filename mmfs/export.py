@@ -47,10 +47,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import control
-from .changes import Change, diff, error_text, join, quote_path
+from .changes import Change, diff, error_text, join
 from .fs import ROOT_INO, Filesystem, FsError
 from .inode import Inode
 from .linux import openat2_beneath
+from .quoting import quote_path
 
 if TYPE_CHECKING:
     from .daemon import Daemon

@@ -75,8 +75,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from . import control, linux, manual, mounts
-from .changes import quote_path
 from .options import HelpRequested, UsageError, shown
+from .quoting import quote_path
 
 MOUNT_SECONDS = 30  # how long the daemon may take to mount
 SOCKET_SECONDS = 5  # then its control socket, which it makes right after mounting

@@ -23,12 +23,13 @@ import pytest
 
 from mmfs import control
 from mmfs.arena import Arena
-from mmfs.changes import diff, quote_path
+from mmfs.changes import diff
 from mmfs.content import AnonContent, CowContent
 from mmfs.export import data_runs, export
 from mmfs.fs import RENAME_EXCHANGE, ROOT_INO, Attrs, Filesystem, FsConfig
 from mmfs.lower import LowerDir, LowerEntry
 from mmfs.maps import MapBudget
+from mmfs.quoting import quote_path
 
 MiB = 1 << 20
 OLD_NS = 1_000_000_000 * 10**9
