@@ -209,7 +209,7 @@ def handle_diff(daemon: Daemon, request: dict[str, Any], fds: list[int]) -> dict
     for fd in fds:
         os.close(fd)
     if daemon.fs.overlay is None:
-        raise control.RequestError("diff needs overlay mode (tmpfs mode has nothing to compare with)")
+        raise control.RequestError("diff needs overlay mode, or a checkpoint: mmfs diff MOUNTPOINT --since NAME")
     try:
         changes = diff(daemon.fs)
     except (OSError, FsError) as error:

@@ -13,6 +13,7 @@ gets an error reply or is dropped; it never harms the mount.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -119,7 +120,7 @@ async def _reply(connection: trio.socket.SocketType, daemon: Daemon, fds: list[i
         return failure("permission denied: only the user who mounted and root may use this")
     with trio.move_on_after(READ_SECONDS):
         request = await _receive(connection, fds)
-        return handle(daemon, request, fds)
+        return await handle(daemon, request, fds)
     return failure(f"no complete request within {READ_SECONDS} s")
 
 
@@ -145,8 +146,10 @@ async def _receive(connection: trio.socket.SocketType, fds: list[int]) -> bytes 
             return None
 
 
-def handle(daemon: Daemon, raw: bytes | None, fds: list[int]) -> Reply:
-    """One request's reply.  Synchronous: atomic with respect to FUSE requests."""
+async def handle(daemon: Daemon, raw: bytes | None, fds: list[int]) -> Reply:
+    """One request's reply.  A handler's model work is one synchronous call, atomic
+    with respect to FUSE requests; an asynchronous handler may then await what
+    follows from it (telling the kernel what a rollback changed)."""
     if raw is None:
         return failure(f"request too large (more than {MAX_REQUEST} bytes)")
     try:
@@ -165,6 +168,8 @@ def handle(daemon: Daemon, raw: bytes | None, fds: list[int]) -> Reply:
         if request["op"] in TAKES_DESCRIPTORS:
             given, fds[:] = list(fds), []  # the handler owns them now
         reply = handler(daemon, request, given)
+        if inspect.isawaitable(reply):
+            reply = await reply
     except RequestError as error:
         return failure(str(error))
     except Exception:
@@ -197,6 +202,7 @@ def handle_status(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
         "rss_bytes": resident_bytes(),
         "requests": sum(served.count for served in daemon.requests.values()),
         "requests_by_opcode": {opcode: served.count for opcode, served in daemon.requests.items()},
+        "checkpoints": len(daemon.checkpoints),
         "mounted_at": daemon.mounted_at,
         "uptime_seconds": time.time() - daemon.mounted_at,
     }

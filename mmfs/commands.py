@@ -35,29 +35,38 @@ def main(verb: str, argv: list[str]) -> int:
 class Args:
     """A verb's arguments: positional ones and the flags given."""
 
-    def __init__(self, positional: list[str], flags: set[str]) -> None:
+    def __init__(self, positional: list[str], flags: set[str], values: dict[str, str]) -> None:
         self.positional = positional
         self.flags = flags
+        self.values = values  # --since NAME
 
 
 def parse(verb: str, argv: list[str]) -> Args:
     """Positional arguments and flags (``--json``); ``--help``; one line for the rest."""
     positional: list[str] = []
     flags: set[str] = set()
-    allowed = manual.VERBS[verb].flags
-    for arg in argv:
+    values: dict[str, str] = {}
+    described = manual.VERBS[verb]
+    args = iter(argv)
+    for arg in args:
+        name, has_value, value = arg.partition("=")
         if arg in ("-h", "--help"):
             raise HelpRequested(manual.verb_help(verb))
-        if arg.startswith("-") and arg != "-":
-            if arg not in allowed:
+        if name in described.valued:
+            given = value if has_value else next(args, None)
+            if not given:
+                raise UsageError(f"{name} needs a value (see mmfs {verb} --help)")
+            values[name] = given
+        elif arg.startswith("-") and arg != "-":
+            if arg not in described.flags:
                 raise UsageError(f"unknown argument: {arg!r} (see mmfs {verb} --help)")
             flags.add(arg)
         else:
             positional.append(arg)
-    low, high = manual.VERBS[verb].arguments
+    low, high = described.arguments
     if not low <= len(positional) <= high:
-        raise UsageError(f"usage: {manual.VERBS[verb].synopsis}")
-    return Args(positional, flags)
+        raise UsageError(f"usage: {described.synopsis}")
+    return Args(positional, flags, values)
 
 
 # --- status -------------------------------------------------------------------
@@ -136,9 +145,10 @@ def status_text(reply: dict[str, Any]) -> str:
     rows += [
         ("daemon", f"pid {reply['pid']}, {size(reply['rss_bytes'])} resident"),
         ("requests", f"{reply['requests']} served"),
+        ("checkpoints", str(reply["checkpoints"])),
         ("mounted", f"{started} ({duration(reply['uptime_seconds'])} ago)"),
     ]
-    return "\n".join([shown(reply["mountpoint"]) + ":"] + [f"  {name:<9} {value}" for name, value in rows])
+    return "\n".join([shown(reply["mountpoint"]) + ":"] + [f"  {name:<11} {value}" for name, value in rows])
 
 
 def status_line(reply: dict[str, Any]) -> str:
@@ -152,7 +162,8 @@ def status_line(reply: dict[str, Any]) -> str:
 
 # --- diff -------------------------------------------------------------------------
 def diff(args: Args) -> int:
-    changes = control.call(args.positional[0], {"op": "diff"})["changes"]
+    request = {"op": "diff"} | ({"since": args.values["--since"]} if "--since" in args.values else {})
+    changes = control.call(args.positional[0], request)["changes"]
     if "--json" in args.flags:
         print(json.dumps([json_change(kind, os.fsencode(path)) for kind, path in changes], indent=1))
     else:
@@ -188,4 +199,44 @@ def export(args: Args) -> int:
     return 0
 
 
-VERBS: dict[str, Callable[[Args], int]] = {"status": status, "diff": diff, "export": export}
+# --- checkpoints ---------------------------------------------------------------------
+def checkpoint(args: Args) -> int:
+    mountpoint, name = args.positional
+    if "--delete" in args.flags:
+        control.call(mountpoint, {"op": "delete-checkpoint", "name": name})
+        print(f"checkpoint {shown(name)} of {shown(mountpoint)} deleted")
+        return 0
+    reply = control.call(mountpoint, {"op": "checkpoint", "name": name})
+    print(f"checkpoint {shown(name)} of {shown(mountpoint)}: {reply['files']} files in {reply['seconds']:.3f} s")
+    return 0
+
+
+def rollback(args: Args) -> int:
+    mountpoint, name = args.positional
+    reply = control.call(mountpoint, {"op": "rollback", "name": name})
+    print(f"{shown(mountpoint)} rolled back to {shown(name)} in {reply['seconds']:.3f} s")
+    return 0
+
+
+def reset(args: Args) -> int:
+    mountpoint = args.positional[0]
+    reply = control.call(mountpoint, {"op": "reset"})
+    print(f"{shown(mountpoint)} shows LOWERDIR as mounted again ({reply['seconds']:.3f} s)")
+    return 0
+
+
+def list_checkpoints(args: Args) -> int:
+    found = control.call(args.positional[0], {"op": "checkpoints"})["checkpoints"]
+    if "--json" in args.flags:
+        print(json.dumps(found, indent=2))
+        return 0
+    for entry in found:
+        taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["taken_at"]))
+        print(f"{shown(entry['name'])}  {taken}  {entry['files']} files  {size(entry['exclusive_bytes'])} only here")
+    return 0
+
+
+VERBS: dict[str, Callable[[Args], int]] = {
+    "status": status, "diff": diff, "export": export,
+    "checkpoint": checkpoint, "rollback": rollback, "checkpoints": list_checkpoints, "reset": reset,
+}

@@ -24,7 +24,7 @@ import errno
 import json
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import mounts
@@ -44,7 +44,7 @@ class RequestError(Exception):
     """A control request that failed; ``str()`` is the one line the user sees."""
 
 
-Handler = Callable[["Daemon", Request, list[int]], Reply]
+Handler = Callable[["Daemon", Request, list[int]], Reply | Awaitable[Reply]]
 
 
 # --- where the sockets are ---------------------------------------------------

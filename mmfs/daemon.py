@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import changes, channel, control, export, remount
+from . import changes, channel, checkpoint_requests, control, export, remount
 from .arena import PAGE, SLOT, Arena
+from .checkpoints import Checkpoint
 from .content import AnonContent, CowContent
 from .fs import Filesystem, FsConfig, FsError
 from .fuse_ops import Operations, RequestCounts
@@ -46,6 +47,7 @@ class Daemon:
     mountpoint: str = ""  # its real path, once mounted
     device: str = ""  # "MAJOR:MINOR" of the mount, once mounted
     mounted_at: float = 0.0  # when, in seconds since the epoch
+    checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # by name, oldest first
 
     def __post_init__(self) -> None:
         self.operations = Operations(self.fs, on_init=self.initialized.set)
@@ -55,9 +57,14 @@ class Daemon:
         """What the control channel answers, by request."""
         return {
             "status": channel.handle_status,
-            "diff": changes.handle_diff,
+            "diff": checkpoint_requests.handle_diff,
             "export": export.handle_export,
             "remount": remount.handle_remount,
+            "checkpoint": checkpoint_requests.handle_checkpoint,
+            "delete-checkpoint": checkpoint_requests.handle_delete,
+            "checkpoints": checkpoint_requests.handle_list,
+            "rollback": checkpoint_requests.handle_rollback,
+            "reset": checkpoint_requests.handle_reset,
         }
 
     def files_changed(self) -> int | None:

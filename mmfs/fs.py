@@ -22,6 +22,7 @@ and a hard-linked lower file is one inode whose link count follows LOWERDIR's
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import errno
 import logging
 import os
@@ -151,6 +152,11 @@ class Filesystem:
         self.inodes: dict[int, Inode] = {}
         self.handles: dict[int, Handle] = {}
         self.counted_inodes = 0
+        # Inode numbers held by checkpoints (checkpoints.py), counted once each,
+        # and how many of them count no more in the live tree: nr_inodes counts
+        # those too (what only checkpoints hold).
+        self.pinned: dict[int, int] = {}
+        self.pinned_only = 0
         self._next_ino = ROOT_INO
         self._next_fh = 1
         root = self._new_inode(stat.S_IFDIR | 0o1777, 0, 0)
@@ -165,11 +171,15 @@ class Filesystem:
             if value is not None:
                 setattr(root, name, stat.S_IFDIR | value if name == "mode" else value)
                 root.changed = True
+        # The root as mounted, for going back to the untouched LOWERDIR (checkpoints.reset_point).
+        self.mounted_root = dataclasses.replace(
+            root, lookups=0, xattrs=dict(root.xattrs), dir=Directory(ROOT_INO, unlisted=root.dir.unlisted)
+        )
 
     # --- inode table ------------------------------------------------------
     def _new_inode(self, mode: int, uid: int, gid: int, counted: bool = True) -> Inode:
         limit = self.config.max_inodes
-        if counted and limit and self.counted_inodes >= limit:
+        if counted and limit and self.inode_count() >= limit:
             raise FsError(errno.ENOSPC)
         now = self.clock()
         inode = Inode(self._next_ino, mode, uid, gid, now, now, now, counted=counted)
@@ -221,6 +231,8 @@ class Filesystem:
         if inode.nlink or inode.opens or inode.ino == ROOT_INO:
             return
         self.counted_inodes -= inode.counted
+        if inode.counted and inode.ino in self.pinned:
+            self.pinned_only += 1
         inode.counted = False
         if inode.content is not None:
             inode.content.uncharge()
@@ -231,6 +243,10 @@ class Filesystem:
         if self.overlay is not None:
             self.overlay.forget(inode)
         del self.inodes[inode.ino]
+
+    def free_if_unused(self, inode: Inode) -> None:
+        """Free an inode that lost its names, unless it is open or the kernel holds it."""
+        self._maybe_free(inode)
 
     def remember(self, inode: Inode) -> None:
         """The kernel took a reference (an entry reply); it will forget() it."""
@@ -727,11 +743,19 @@ class Filesystem:
         limit = self.space.page_limit if self.space is not None else 0
         free = self.space.pages_free() if self.space is not None and limit else 0
         inodes = self.config.max_inodes
-        return FsStats(limit, free, inodes, max(0, inodes - self.counted_inodes) if inodes else 0)
+        return FsStats(limit, free, inodes, max(0, inodes - self.inode_count()) if inodes else 0)
 
     def inode_count(self) -> int:
-        """Inodes counted against nr_inodes (not those of the backing directory)."""
-        return self.counted_inodes
+        """Inodes counted against nr_inodes: the live tree's (not those of the
+        backing directory) and those only checkpoints hold."""
+        return self.counted_inodes + self.pinned_only
+
+    def recount_inodes(self) -> None:
+        """Count the inodes again from their flags and the checkpoints' numbers
+        (after a checkpoint is taken, dropped or rolled back to)."""
+        live = {inode.ino for inode in self.inodes.values() if inode.counted}
+        self.counted_inodes = len(live)
+        self.pinned_only = sum(ino not in live for ino in self.pinned)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the model's books do not balance."""

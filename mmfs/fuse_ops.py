@@ -392,6 +392,23 @@ class Operations(pyfuse3.Operations):
         except OSError as error:  # ENOENT: the kernel has forgotten the inode, and its pages
             log.debug("dropping the cached pages of inode %d: %s", ino, error)
 
+    @staticmethod
+    async def forget_cached(inodes: Sequence[int], entries: Sequence[tuple[int, bytes]]) -> None:
+        """Make the kernel forget names (and negative entries) and inodes' attributes
+        and pages that changed outside any request (a rollback).  On a worker
+        thread: the kernel may need a request only this loop can answer first."""
+
+        def send() -> None:
+            for parent, name in entries:
+                try:
+                    pyfuse3.invalidate_entry(parent, name)
+                except OSError as error:  # ENOENT: not cached
+                    log.debug("invalidating entry %r in inode %d: %s", name, parent, error)
+            for ino in inodes:
+                Operations._drop_pages(ino)
+
+        await trio.to_thread.run_sync(send)
+
     @handler
     def fsync(self, fh: int, datasync: bool) -> None:
         self.fs.fsync(fh)

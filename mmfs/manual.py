@@ -128,6 +128,7 @@ class Verb:
     meaning: str
     arguments: tuple[int, int] = (1, 1)  # how many positional arguments, least and most
     flags: tuple[str, ...] = ()
+    valued: tuple[str, ...] = ()  # options that take a value (--since NAME)
 
 
 VERBS = {
@@ -140,8 +141,9 @@ VERBS = {
         (0, 1), ("--json",),
     ),
     "diff": Verb(
-        "mmfs diff MOUNTPOINT [--json]",
-        "Overlay mode: every path that differs from LOWERDIR, sorted, one line each: A added, D deleted, "
+        "mmfs diff MOUNTPOINT [--since CHECKPOINT] [--json]",
+        "Every path that differs from LOWERDIR (overlay mode), or with --since from a checkpoint (both "
+        "modes; the only diff in tmpfs mode), sorted, one line each: A added, D deleted, "
         "M changed (content, type, mode, owner, mtime, xattrs or ACLs, symlink target or link count; "
         "atime and ctime alone never count). A rename is D old plus A new; a directory whose entries "
         "changed has a new mtime, so it is M; the root is '.'. Answered from what the daemon knows, "
@@ -149,7 +151,7 @@ VERBS = {
         "Paths that are not printable UTF-8, or hold a double quote or backslash, are quoted as git "
         "quotes them. With --json, a list of {\"change\", \"path\"} objects; a path that is not valid "
         "UTF-8 also has \"path_base64\", its exact bytes.",
-        (1, 1), ("--json",),
+        (1, 1), ("--json",), ("--since",),
     ),
     "export": Verb(
         "mmfs export MOUNTPOINT DIR",
@@ -161,6 +163,35 @@ VERBS = {
         "mount shows. To keep the changes, use DIR as an upper directory, or review the mount and copy it "
         "onto LOWERDIR with rsync -aHAX --delete MOUNTPOINT/ LOWERDIR/.",
         (2, 2),
+    ),
+    "checkpoint": Verb(
+        "mmfs checkpoint [--delete] MOUNTPOINT NAME",
+        "Record the whole tree as it is now under NAME (both modes), in well under a second: every file's "
+        "data is shared with the live tree, copy-on-write, and a write afterwards copies only the 64 KiB "
+        "slot it changes. Pages count once against size=, so a checkpoint costs what only it still holds; "
+        "inode numbers only checkpoints hold count against nr_inodes=; df shows both. With --delete, drop "
+        "the checkpoint NAME and what only it holds.",
+        (2, 2), ("--delete",),
+    ),
+    "rollback": Verb(
+        "mmfs rollback MOUNTPOINT NAME",
+        "Make the mount show the tree of checkpoint NAME again: names, bytes, holes, modes, owners, all "
+        "timestamps, xattrs, ACLs, hard links, symlinks and special files. The checkpoint stays. What the "
+        "kernel cached is invalidated before the command returns. A file open at the rollback that existed "
+        "at the checkpoint is restored under its holder, whose descriptor then reads the checkpoint's "
+        "bytes; one that did not exist lives on like an unlinked open file until its last close.",
+        (2, 2),
+    ),
+    "checkpoints": Verb(
+        "mmfs checkpoints MOUNTPOINT [--json]",
+        "The checkpoints of a mount, oldest first: name, when it was taken, its files and the bytes of "
+        "file data only it holds.",
+        (1, 1), ("--json",),
+    ),
+    "reset": Verb(
+        "mmfs reset MOUNTPOINT",
+        "Overlay mode: go back to the untouched LOWERDIR, as mounted (checkpoints stay).",
+        (1, 1),
     ),
     "run": Verb(
         "mmfs run [-o OPTIONS] [--dir DIR] [--keep UPPERDIR] -- COMMAND [ARGS...]",

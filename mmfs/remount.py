@@ -202,8 +202,8 @@ def check(daemon: Daemon, wanted: Settings, lowerdir: str | None) -> None:
     if wanted.nr_inodes:
         if not fs.config.max_inodes:
             raise control.RequestError("cannot retroactively limit inodes (mounted with nr_inodes=0, unlimited)")
-        if wanted.nr_inodes < fs.counted_inodes:
-            used = fs.counted_inodes
+        if wanted.nr_inodes < fs.inode_count():
+            used = fs.inode_count()
             raise control.RequestError(f"nr_inodes={wanted.nr_inodes} is too few for current use ({used} in use)")
     if wanted.read_only and not daemon.operations.read_only and busy(daemon):
         raise control.RequestError("mount point is busy (files open for writing, or deleted but open)")
