@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import gc
 import logging
 import os
 import shlex
@@ -75,8 +76,17 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
+# The cyclic garbage collector's first threshold (700 allocations by default).
+# The model is hundreds of thousands of long-lived objects that make few
+# cycles; at the default, bursts of allocation (listing a large lower
+# directory, taking a checkpoint of 100,000 files) spent about 40% of their
+# time in the collector.
+GC_THRESHOLD = (100_000, 50, 100)
+
+
 def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Mount, call ``ready()``, and serve until the mount ends."""
+    gc.set_threshold(*GC_THRESHOLD)
     daemon = build(config)
     mountpoint = os.path.realpath(config.mountpoint)  # resolving it after the mount would deadlock
     for signum in (signal.SIGIO, signal.SIGUSR2):  # until trio's receivers take them: never their default, exit
