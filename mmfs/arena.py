@@ -13,17 +13,22 @@ into shmem allocates a page without first zero-filling it as a page fault
 does, so storing runs at twice the speed of a copy into the map.  Without
 that file, bytes are copied into the map.
 
-The arena counts pages held against the ``size=`` limit.  It knows only bytes:
-no inodes, no names, no FUSE.  Synchronous; the single-threaded daemon is its
-only caller.
+The arena counts pages held against the ``size=`` limit, once per physical
+copy.  A slot may be shared by several contents (``AnonContent.snapshot``):
+``shared`` counts its holders, and its pages are charged to the arena itself
+rather than to any file's ``Account`` until a single holder is left and makes it
+its own again, or the last one lets go.  It knows only bytes: no inodes, no
+names, no FUSE.  Synchronous; the single-threaded daemon is its only caller.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import mmap
 import os
+from collections.abc import Iterable
 
 from .linux import MAP_NORESERVE
 
@@ -58,14 +63,18 @@ class Arena:
         self.pages_held = 0
         self._free_slots: list[int] = []
         self._next_slot = 0
+        # Slots held by several contents -> how many.  A holder never changes a
+        # slot listed here: it copies it first (or takes it back when it is the
+        # only one left, at 1).  The pages of a listed slot are charged here,
+        # not to a file's Account.
+        self.shared: dict[int, int] = {}
+        self.generations = itertools.count(1)  # Content.generation: a new number for each change
 
     def store(self, offset: int, data: memoryview) -> None:
         """Put ``data`` at ``offset`` of the region.
 
-        Raises NoSpace when the system has no memory for the pages: shmem's
-        ENOSPC or ENOMEM (out of memory, a memory cgroup limit) is a full
-        filesystem to the client, as on kernel tmpfs, not a broken one.  Bytes
-        of a partial store may have landed; the caller undoes its pages.
+        Raises NoSpace when the system has no memory for the pages (``refused``).
+        Bytes of a partial store may have landed; the caller undoes its pages.
         """
         if self.file is None:
             self.view[offset : offset + len(data)] = data
@@ -78,7 +87,26 @@ class Arena:
                     raise NoSpace()
                 done += written
         except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.ENOMEM):
+            if refused(error):
+                raise NoSpace() from error
+            raise
+
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Copy ``length`` bytes of the region from ``source`` to ``target`` (the
+        ranges do not overlap), in the kernel when there is a shmem file.  Raises
+        NoSpace as ``store`` does."""
+        if self.file is None:
+            self.view[target : target + length] = self.view[source : source + length]
+            return
+        done = 0
+        try:
+            while done < length:
+                copied = os.copy_file_range(self.file, self.file, length - done, source + done, target + done)
+                if copied == 0:
+                    raise NoSpace()
+                done += copied
+        except OSError as error:
+            if refused(error):
                 raise NoSpace() from error
             raise
 
@@ -137,6 +165,37 @@ class Arena:
     def slots_in_use(self) -> int:
         return self._next_slot - len(self._free_slots)
 
+    # --- shared slots ---------------------------------------------------
+    def share(self, slots: Iterable[int]) -> None:
+        """One more holder for each of ``slots`` (a content was snapshotted).
+        The caller hands the pages of those that were its own over to the arena
+        first (``Account.hand_over``)."""
+        shared = self.shared
+        for slot in slots:
+            shared[slot] = shared.get(slot, 1) + 1
+
+    def let_go(self, slot: int, pages: int) -> None:
+        """A holder of shared ``slot`` (holding ``pages`` pages) drops it; the last
+        one gives the pages back and frees the slot."""
+        holders = self.shared.pop(slot) - 1
+        if holders:
+            self.shared[slot] = holders
+            return
+        self.give_pages(pages)
+        self.free_slot(slot)
+
+    def take_back(self, slot: int) -> None:
+        """The only holder left of a shared slot makes it its own again (its
+        ``Account.adopt`` takes the charge over)."""
+        assert self.shared[slot] == 1, (slot, self.shared[slot])
+        del self.shared[slot]
+
+
+def refused(error: OSError) -> bool:
+    """shmem's ENOSPC or ENOMEM (out of memory, a memory cgroup limit) is a full
+    filesystem to the client, as on kernel tmpfs, not a broken one."""
+    return error.errno in (errno.ENOSPC, errno.ENOMEM)
+
 
 def shmem_file(region: mmap.mmap) -> int | None:
     """A descriptor of the shmem file behind a shared anonymous map, if we may open it."""
@@ -148,19 +207,23 @@ def shmem_file(region: mmap.mmap) -> int | None:
 
 
 class Account:
-    """The pages one file has charged to an arena's budget.
+    """The pages one file has charged to an arena's budget: those of the slots it
+    holds alone (the pages of shared slots are the arena's, see ``Arena.shared``).
 
     A file that lost its last name and handle gives its pages back to the budget
     at once (``settle``), as tmpfs frees them at once, even though the kernel may
     still hold a reference that keeps the bytes alive until FORGET.  Whatever
-    it frees afterwards is refunded only up to what it still has charged.
+    it frees afterwards is refunded only up to what it still has charged.  Pages
+    it shares stay counted until their other holders let go of them: then they
+    are its alone and go back to the budget (``adopt``), or when it lets go.
     """
 
-    __slots__ = ("arena", "charged")
+    __slots__ = ("arena", "charged", "settled")
 
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self.charged = 0
+        self.settled = False  # settle() ran: the file's own pages no longer count
 
     def take(self, count: int) -> None:
         self.arena.take_pages(count)
@@ -173,3 +236,21 @@ class Account:
 
     def settle(self) -> None:
         self.give(self.charged)
+        self.settled = True
+
+    def hand_over(self, count: int) -> None:
+        """``count`` pages of this file's own slots become shared: the arena
+        charges them from now on.  Those a settled file no longer counted count
+        again (NoSpace if they do not fit; nothing changed then)."""
+        moved = min(count, self.charged)
+        if moved < count:
+            self.arena.take_pages(count - moved)
+        self.charged -= moved
+
+    def adopt(self, count: int) -> None:
+        """``count`` pages of a shared slot are this file's alone now: charged to
+        it, or given back if it is settled."""
+        if self.settled:
+            self.arena.give_pages(count)
+        else:
+            self.charged += count

@@ -7,6 +7,14 @@ never written) read as zeros without touching the map, so they hold no memory.
 Invariant: every byte of a held page that lies at or beyond ``size`` is zero, so
 growing a file (truncate up, or a write past EOF) exposes zeros for free.
 
+Copy-on-write sharing (checkpoints): ``snapshot()`` gives a second content that
+shares every slot with the first; nothing is copied then.  A slot listed in
+``Arena.shared`` is never changed in place: the first write or truncate into it
+copies the pages it keeps into a new slot (``AnonContent._own``), so a change to
+one content is never seen by another.  Two contents with the same
+``generation`` hold the same bytes: every change draws a new number, and a
+snapshot keeps its original's.
+
 ``CowContent`` (overlay mode) serves a lower file from its backing file and
 maps it ``MAP_PRIVATE`` at the first write, so only written pages are copied.
 
@@ -40,21 +48,103 @@ def page_mask(inner: int, length: int) -> int:
 class AnonContent:
     """A file's bytes in anonymous shared memory, page-granular and sparse."""
 
-    __slots__ = ("_held", "_slots", "_unsynced", "account", "arena", "pages", "size")
+    __slots__ = (
+        "_borrowed", "_held", "_shared_pages", "_slots", "_unsynced", "account", "arena", "generation", "pages", "size",
+    )
 
     def __init__(self, arena: Arena, account: Account | None = None) -> None:
         self.arena = arena
         self.account = account or Account(arena)
         self.size = 0
         self.pages = 0  # pages held, for st_blocks
+        self.generation = next(arena.generations)  # a new number at each change; equal: the same bytes
         self._slots: dict[int, int] = {}  # file slot index -> arena slot
         self._held: dict[int, int] = {}  # file slot index -> mask of pages written
         self._unsynced: set[int] | None = None  # file slot indices written since the last sync
+        # Pages of this content's slots listed in Arena.shared.  Only this
+        # content's own calls list or unlist its slots there (no other holder
+        # can unlist a slot it still holds), so it keeps the count.
+        self._shared_pages = 0
+        # _slots and _held may be the very dicts of a snapshot's (most files
+        # never change after a checkpoint): copied before the first change.
+        self._borrowed = False
 
     @property
     def modified(self) -> bool:
         """Always: a file made in the mount has no origin to equal."""
         return True
+
+    # --- sharing ----------------------------------------------------------
+    def snapshot(self, account: Account | None = None) -> AnonContent:
+        """A second content with the same bytes, sharing every slot with this one:
+        O(slots), no byte copied and no page taken.  From then on a change to
+        either copies the slot it changes (only the pages it keeps), so neither
+        ever sees the other's changes.  The pages of this content's own slots are
+        handed over to the arena, which charges each shared slot once.
+        ``account``: what the copy charges its own pages to (a new one by
+        default).  NoSpace only for a settled content, whose pages count again."""
+        if self._slots:
+            if self.pages > self._shared_pages:
+                self.account.hand_over(self.pages - self._shared_pages)
+            self.arena.share(self._slots.values())
+        # A checkpoint snapshots every file: built field by field, as __init__
+        # would only make what is replaced here.
+        copy = AnonContent.__new__(AnonContent)
+        copy.arena, copy.account = self.arena, account or Account(self.arena)
+        copy.size, copy.pages, copy.generation = self.size, self.pages, self.generation
+        copy._slots, copy._held, copy._unsynced = self._slots, self._held, None
+        copy._borrowed = self._borrowed = True
+        copy._shared_pages = self._shared_pages = self.pages
+        return copy
+
+    def _unborrow(self) -> None:
+        """Own copies of the slot maps, before changing them."""
+        self._slots, self._held, self._borrowed = self._slots.copy(), self._held.copy(), False
+
+    def same_as(self, other: object) -> bool:
+        """Whether ``other`` holds the same bytes for sure: it is a snapshot of
+        this content (or this of it, or both of a third) and neither changed
+        since.  Cheap; False says nothing (the bytes may still be equal)."""
+        return isinstance(other, AnonContent) and other.generation == self.generation
+
+    def exclusive_pages(self) -> int:
+        """Pages of the slots no other content holds: what releasing this content
+        would give back to the budget."""
+        shared = self.arena.shared
+        return sum(held.bit_count() for index, held in self._held.items() if shared.get(self._slots[index], 1) == 1)
+
+    def _own(self, index: int, keep: int = (1 << PAGES_PER_SLOT) - 1) -> int:
+        """The arena slot of file slot ``index``, this content's alone so that it
+        may be changed.  A shared slot is taken back if every other holder let go
+        of it; else its pages in ``keep`` are copied into a new slot, charged to
+        this content (NoSpace, and nothing changed, if they do not fit)."""
+        slot = self._slots[index]
+        holders = self.arena.shared.get(slot)
+        if holders is None:
+            return slot
+        held = self._held[index]
+        if holders == 1:
+            self._shared_pages -= held.bit_count()
+            self.arena.take_back(slot)
+            self.account.adopt(held.bit_count())
+            return slot
+        kept = held & keep
+        self.account.take(kept.bit_count())
+        copy = None
+        try:
+            copy = self.arena.alloc_slot()
+            for first, count in _bit_runs(kept):
+                self.arena.copy(slot * SLOT + first * PAGE, copy * SLOT + first * PAGE, count * PAGE)
+        except OSError:
+            self.account.give(kept.bit_count())
+            if copy is not None:
+                self.arena.free_slot(copy)
+            raise
+        self.arena.let_go(slot, held.bit_count())
+        self._shared_pages -= held.bit_count()
+        self._slots[index], self._held[index] = copy, kept
+        self.pages -= (held & ~kept).bit_count()
+        return copy
 
     # --- reading ----------------------------------------------------------
     def read(self, offset: int, length: int) -> Buffer:
@@ -93,8 +183,10 @@ class AnonContent:
         """Store data at offset; returns bytes written (short only at the size limit)."""
         if not data:
             return 0
+        if self._borrowed:
+            self._unborrow()
         end = offset + len(data)
-        if self._new_pages(offset, end) > self.arena.pages_free():
+        if self.pages_needed(offset, end) > self.arena.pages_free():
             end = self._fitting_end(offset, end)
             if end <= offset:
                 raise NoSpace()
@@ -109,6 +201,7 @@ class AnonContent:
                 end = offset + pos
                 break
         self.size = max(self.size, end)
+        self.generation = next(self.arena.generations)
         return end - offset
 
     def _store(self, index: int, inner: int, data: memoryview) -> None:
@@ -118,6 +211,8 @@ class AnonContent:
         if slot is None:
             slot = self._slots[index] = self.arena.alloc_slot()
             self._held[index] = 0
+        elif slot in self.arena.shared:
+            slot = self._own(index)
         mask = page_mask(inner, len(data))
         fresh = mask & ~self._held[index]
         self.account.take(fresh.bit_count())
@@ -145,19 +240,33 @@ class AnonContent:
             if pages >> page & 1:
                 self.arena.punch(slot, page, 1)
 
-    def _new_pages(self, offset: int, end: int) -> int:
-        return sum(
-            (page_mask(inner, n) & ~self._held.get(index, 0)).bit_count()
-            for index, inner, n in _segments(offset, end)
-        )
+    def pages_needed(self, offset: int, end: int) -> int:
+        """The pages a write of [offset, end) takes: those not held yet, and the
+        held pages of each slot it touches that others share (copied first)."""
+        shared = self.arena.shared
+        needed = 0
+        for index, inner, n in _segments(offset, end):
+            held = self._held.get(index, 0)
+            needed += (page_mask(inner, n) & ~held).bit_count()
+            if shared and held and shared.get(self._slots[index], 1) > 1:
+                needed += held.bit_count()
+        return needed
 
     def _fitting_end(self, offset: int, end: int) -> int:
-        """The furthest end <= ``end`` whose new pages fit in the free budget."""
+        """The furthest end <= ``end`` whose new pages (and shared slots to
+        copy) fit in the free budget."""
         budget = self.arena.pages_free()
+        shared = self.arena.shared
         page = offset // PAGE
         while page * PAGE < end:
             index, bit = divmod(page, PAGES_PER_SLOT)
-            if not self._held.get(index, 0) >> bit & 1:
+            held = self._held.get(index, 0)
+            first_in_slot = bit == 0 or page == offset // PAGE
+            if first_in_slot and held and shared.get(self._slots[index], 1) > 1:
+                if held.bit_count() > budget:
+                    return max(offset, page * PAGE)
+                budget -= held.bit_count()
+            if not held >> bit & 1:
                 if budget == 0:
                     return max(offset, page * PAGE)
                 budget -= 1
@@ -166,11 +275,29 @@ class AnonContent:
 
     # --- size and lifetime ----------------------------------------------
     def truncate(self, size: int) -> None:
-        """Set the size; pages wholly past it are returned to the system."""
+        """Set the size; pages wholly past it are returned to the system.  Cutting
+        into a shared slot copies the pages it keeps first: that alone may fail
+        (NoSpace), before anything changed."""
         if size < self.size:
+            if self._borrowed:
+                self._unborrow()
+            self._own_cut_slot(size)
             self._zero_tail(size)
             self._drop_pages_from(-(-size // PAGE))
         self.size = size
+        self.generation = next(self.arena.generations)
+
+    def _own_cut_slot(self, size: int) -> None:
+        """Make the slot that ``size`` cuts this content's own, if that cut
+        changes it and leaves it any page (one left empty is simply let go)."""
+        index, inner = divmod(size, SLOT)
+        if not inner or index not in self._slots:
+            return
+        held = self._held[index]
+        keep = (1 << -(-inner // PAGE)) - 1  # the pages holding bytes below size
+        zeroed = inner % PAGE and held >> (inner // PAGE) & 1
+        if held & keep and (held & ~keep or zeroed):
+            self._own(index, keep)
 
     def _zero_tail(self, size: int) -> None:
         index, inner = divmod(size, SLOT)
@@ -182,29 +309,78 @@ class AnonContent:
             self.arena.view[start:stop] = bytes(stop - start)
 
     def _drop_pages_from(self, first_page: int) -> None:
+        """Let go of every page from ``first_page`` on; a slot cut in two is this
+        content's own (``_own_cut_slot``)."""
         first_index, first_bit = divmod(first_page, PAGES_PER_SLOT)
         for index in [i for i in self._slots if i >= first_index]:
-            keep = (1 << first_bit) - 1 if index == first_index else 0
-            dropped = (self._held[index] & ~keep).bit_count()
-            self.account.give(dropped)
-            self.pages -= dropped
-            self._held[index] &= keep
-            if self._held[index] == 0:
-                self.arena.free_slot(self._slots.pop(index))
-                del self._held[index]
-            elif dropped:
+            held = self._held[index]
+            keep = held & ((1 << first_bit) - 1) if index == first_index else 0
+            if not keep:
+                self._let_go(index)
+            elif keep != held:
+                assert self._slots[index] not in self.arena.shared, "a shared slot changed in place"
+                dropped = (held & ~keep).bit_count()
+                self.account.give(dropped)
+                self.pages -= dropped
+                self._held[index] = keep
                 self.arena.punch(self._slots[index], first_bit, PAGES_PER_SLOT - first_bit)
 
+    def _let_go(self, index: int) -> None:
+        """Drop file slot ``index`` whole."""
+        self._give_up(self._slots.pop(index), self._held.pop(index).bit_count())
+
+    def _give_up(self, slot: int, pages: int) -> None:
+        """Let go of arena ``slot`` holding ``pages`` pages: they go back to the
+        budget and the slot to the arena, or, if shared, to its other holders."""
+        self.pages -= pages
+        if slot in self.arena.shared:
+            self._shared_pages -= pages
+            self.arena.let_go(slot, pages)
+        else:
+            self.account.give(pages)
+            self.arena.free_slot(slot)
+
+    def own_slot(self, index: int) -> None:
+        """Make file slot ``index``, if held, this content's own, as a write there
+        would first (a shared slot is copied: NoSpace if that does not fit)."""
+        if self._borrowed:
+            self._unborrow()
+        if index in self._slots:
+            self._own(index)
+
+    def discard_below(self, end_page: int) -> None:
+        """Let go of every page below ``end_page`` (the pages held there are this
+        content's alone): ``CowContent`` undoing a move of pages into its tail."""
+        if self._borrowed:
+            self._unborrow()
+        end_index, end_bit = divmod(end_page, PAGES_PER_SLOT)
+        for index in [i for i in self._slots if i <= end_index]:
+            held = self._held[index]
+            gone = held & ((1 << end_bit) - 1) if index == end_index else held
+            if gone == held:
+                self._let_go(index)
+            elif gone:
+                assert self._slots[index] not in self.arena.shared, "a shared slot changed in place"
+                self.account.give(gone.bit_count())
+                self.pages -= gone.bit_count()
+                self._held[index] = held & ~gone
+                for first, count in _bit_runs(gone):
+                    self.arena.punch(self._slots[index], first, count)
+
     def release(self) -> None:
-        """Give every page and slot back; the content is empty afterwards."""
-        self._drop_pages_from(0)
+        """Give every page and slot back (shared ones to their other holders);
+        the content is empty afterwards."""
+        for index, slot in self._slots.items():  # the maps are left as they are: they may be borrowed
+            self._give_up(slot, self._held[index].bit_count())
+        self._slots, self._held, self._borrowed = {}, {}, False
         self.size = 0
 
     def closed(self) -> None:
         """The last handle went; nothing to let go of."""
 
     def uncharge(self) -> None:
-        """Give this file's pages back to the size= budget (it is being freed)."""
+        """Give this file's pages back to the size= budget (it is being freed).
+        Those it shares stay counted until the others let go (``Account``)."""
         self.account.settle()
 
     def sync(self) -> None:
@@ -231,6 +407,11 @@ class PageSet:
         self._bytes = bytearray()  # 1 at the index of each page in the set
         self.count = 0
 
+    def copy(self) -> PageSet:
+        twin = PageSet()
+        twin._bytes, twin.count = self._bytes[:], self.count
+        return twin
+
     def __contains__(self, page: int) -> bool:
         return page < len(self._bytes) and self._bytes[page] == 1
 
@@ -239,6 +420,15 @@ class PageSet:
         while page >= 0:
             yield page
             page = self._bytes.find(1, page + 1)
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        """(first, last) of each run of consecutive pages in the set, in order."""
+        first = self._bytes.find(1)
+        while first >= 0:
+            end = self._bytes.find(0, first)
+            end = len(self._bytes) if end < 0 else end
+            yield first, end - 1
+            first = self._bytes.find(1, end)
 
     def missing(self, first: int, last: int) -> int:
         """How many of the pages first..last are not in the set."""
@@ -285,6 +475,19 @@ def _ranges(pages: list[int]) -> Iterator[tuple[int, int]]:
             yield first, page
 
 
+def _bit_runs(mask: int) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of set bits in ``mask`` (pages of a slot)."""
+    bit = 0
+    while mask >> bit:
+        if mask >> bit & 1:
+            first = bit
+            while mask >> bit & 1:
+                bit += 1
+            yield first, bit - first
+        else:
+            bit += 1
+
+
 def _segments(offset: int, end: int) -> list[tuple[int, int, int]]:
     """Split [offset, end) into (slot index, offset in slot, length) pieces."""
     out = []
@@ -295,6 +498,8 @@ def _segments(offset: int, end: int) -> list[tuple[int, int, int]]:
         offset += n
     return out
 
+
+MOVE_CHUNK = 1 << 20  # a mapped file's written pages move into the arena a MiB at a time
 
 # Lower files at most this big are copied into the arena at their first write
 # instead of being mapped: for a small file per-page copy-on-write saves
@@ -334,7 +539,17 @@ class CowContent:
     preads are errors, and a mapped file is guarded by a lease whose break moves
     the written pages into the arena before the writer may go on.  If they find
     no room there, they are lost and the file answers EIO from then on (``lost``).
+
+    ``snapshot()`` shares the tail's slots and the backing file: a mapped file
+    first moves its written pages into the tail and is never mapped again (its
+    map's private pages cannot be shared); one not mapped yet, and the copy, may
+    still map at their first write, each with a map of its own.
     """
+
+    __slots__ = (
+        "_fd", "account", "arena", "copied", "copying", "dirty", "generation", "lost", "lower_pages", "lower_size",
+        "map", "maps", "modified", "open_backing", "original_size", "size", "tail", "unsynced",
+    )
 
     def __init__(self, arena: Arena, maps: MapBudget, open_backing: Callable[[], int], size: int, blocks: int) -> None:
         self.arena = arena
@@ -356,11 +571,48 @@ class CowContent:
         # Written or truncated since made: the bytes may differ from the backing
         # file's.  Rewriting the bytes it holds counts too (they are not compared).
         self.modified = False
+        self.generation = next(arena.generations)  # as AnonContent's: equal means the same bytes
         self._fd: int | None = None
 
     @property
     def pages(self) -> int:
         return self.lower_pages + self.dirty.count + self.tail.pages
+
+    # --- sharing ------------------------------------------------------------
+    def snapshot(self) -> CowContent:
+        """A second content with the same bytes, sharing the tail's slots and the
+        backing file (unwritten pages are still read from it, through a
+        descriptor of the copy's own, opened when needed).  A mapped file moves
+        its written pages into the tail first (their charge moves with them) and
+        stops mapping: that copies those pages, and may fail with NoSpace (or
+        BackingGone), leaving this content as it was."""
+        if self.map is not None:
+            if self.map.size() < self.original_size:  # the map would be SIGBUS past the new end
+                raise BackingGone()
+            self._move_written_pages()
+            self._unmap()
+        # A checkpoint snapshots every file: built field by field, as __init__
+        # would only make what is replaced here.
+        copy = CowContent.__new__(CowContent)
+        copy.arena, copy.maps, copy.open_backing = self.arena, self.maps, self.open_backing
+        copy.size, copy.lower_size, copy.original_size, copy.lower_pages = (
+            self.size, self.lower_size, self.original_size, self.lower_pages
+        )
+        copy.account = Account(self.arena)
+        copy.tail = self.tail.snapshot(copy.account)
+        copy.map, copy.dirty, copy.unsynced, copy._fd = None, PageSet(), set(), None
+        copy.copying, copy.copied, copy.lost = self.copying, self.copied.copy(), self.lost
+        copy.modified, copy.generation = self.modified, self.generation
+        return copy
+
+    def same_as(self, other: object) -> bool:
+        """As ``AnonContent.same_as``."""
+        return isinstance(other, CowContent) and other.generation == self.generation
+
+    def exclusive_pages(self) -> int:
+        """Pages no other content holds (the map's, and the tail's own slots);
+        LOWERDIR's pages are not ours."""
+        return self.dirty.count + self.tail.exclusive_pages()
 
     # --- the backing file -------------------------------------------------
     def _backing_fd(self) -> int:
@@ -420,6 +672,7 @@ class CowContent:
     def write(self, offset: int, data: Buffer) -> int:
         self._check_lost()
         self.modified = True
+        self.generation = next(self.arena.generations)
         end = offset + len(data)
         split = max(offset, min(end, self.lower_size))
         written = 0
@@ -450,7 +703,9 @@ class CowContent:
         """Copy the backing bytes of the pages under [offset, end) into the arena, once."""
         first, last = offset // PAGE, (end - 1) // PAGE
         missing = [page for page in range(first, last + 1) if page not in self.copied]
-        if len(missing) > self.arena.pages_free():
+        if not missing:
+            return
+        if self.tail.pages_needed(first * PAGE, min((last + 1) * PAGE, self.lower_size)) > self.arena.pages_free():
             raise NoSpace()
         for page in missing:
             start = page * PAGE
@@ -474,13 +729,14 @@ class CowContent:
 
     def truncate(self, size: int) -> None:
         self._check_lost()
+        self.tail.truncate(size)  # first: the one step that may fail (a shared slot of the tail copied)
         self.modified = True
+        self.generation = next(self.arena.generations)
         if size < self.lower_size:
             self.lower_size = size
             self.lower_pages = min(self.lower_pages, -(-size // PAGE))
             self._drop_dirty_from(-(-size // PAGE))
             self.copied.discard_from(-(-size // PAGE))
-        self.tail.truncate(size)
         self.size = size
 
     def _drop_dirty_from(self, first_page: int) -> None:
@@ -506,6 +762,7 @@ class CowContent:
         the file would be SIGBUS).  Pages that cannot be kept are lost: from
         then on the file answers EIO (``PagesLost``) rather than stale bytes.
         """
+        self.copying = True  # never map this file again: its writer has it
         try:
             self._move_written_pages()
         except NoSpace:
@@ -520,15 +777,50 @@ class CowContent:
             self._unmap()
 
     def _move_written_pages(self) -> None:
+        """Copy the map's written pages into the tail, as ``copied`` pages, taking
+        their charge over; the caller then drops the map, and the file is never
+        mapped again.  NoSpace if the system refuses pages, or if the tail's
+        slot around ``lower_size`` is shared and its copy does not fit: then the
+        pages moved so far are dropped from the tail again and the map keeps
+        them all (that slot's copy, once made, stays: the tail's own now).
+
+        The tail holds no page wholly below ``lower_size`` while mapped, and the
+        bytes it holds below it are never read (reads there go to the map or the
+        backing file): the page straddling ``lower_size``, which the tail may
+        hold already, is moved last, so undoing drops exactly the pages below.
+        The one tail slot that may hold pages already (and be shared with a
+        snapshot taken before this file was mapped) is made the tail's own
+        first, so that the move itself takes no more pages than the map gives."""
         if self.map is None:
             return
-        self.copying = True  # never map this file again: its writer has it
-        pages = list(self.dirty)
-        saved = [self.map[page * PAGE : min((page + 1) * PAGE, self.lower_size)] for page in pages]
-        self._unmap()
-        for page, data in zip(pages, saved, strict=True):
-            self.tail.write(page * PAGE, data)  # one page: all of it, or NoSpace
-            self.copied.add(page, page)
+        runs = list(self.dirty.ranges())
+        whole = self.lower_size // PAGE * PAGE  # the pages below lie wholly below lower_size
+        index = whole // SLOT
+        first, last = index * PAGES_PER_SLOT, whole // PAGE
+        if self.dirty.missing(first, last) <= last - first:  # pages to move into the slot of lower_size
+            self.tail.own_slot(index)
+        self.account.give(self.dirty.count)  # the tail takes as many again
+        try:
+            for first, last in runs:
+                self._move_from_map(first * PAGE, min((last + 1) * PAGE, whole))
+            for first, last in runs[-1:]:
+                self._move_from_map(max(first * PAGE, whole), min((last + 1) * PAGE, self.lower_size))
+        except NoSpace:
+            self.tail.discard_below(whole // PAGE)
+            self.account.take(self.dirty.count)
+            raise
+        for first, last in runs:
+            self.copied.add(first, last)
+        self.dirty, self.unsynced = PageSet(), set()  # their pages are the tail's now
+        self.copying = True
+
+    def _move_from_map(self, offset: int, end: int) -> None:
+        """Write the map's bytes [offset, end) into the tail, a MiB at a time."""
+        assert self.map is not None
+        for start in range(offset, end, MOVE_CHUNK):
+            stop = min(end, start + MOVE_CHUNK)
+            if self.tail.write(start, self.map[start:stop]) < stop - start:
+                raise NoSpace()  # the system refused a page (the budget has room: it was the map's)
 
     def _unmap(self) -> None:
         """Drop the map (its written pages go back to the budget) and close the
