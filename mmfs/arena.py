@@ -13,12 +13,30 @@ into shmem allocates a page without first zero-filling it as a page fault
 does, so storing runs at twice the speed of a copy into the map.  Without
 that file, bytes are copied into the map.
 
-The arena counts pages held against the ``size=`` limit, once per physical
-copy.  A slot may be shared by several contents (``AnonContent.snapshot``):
-``shared`` counts its holders, and its pages are charged to the arena itself
-rather than to any file's ``Account`` until a single holder is left and makes it
-its own again, or the last one lets go.  It knows only bytes: no inodes, no
-names, no FUSE.  Synchronous; the single-threaded daemon is its only caller.
+The arena counts pages held (``pages_held``: what ``df`` shows as used)
+against the ``size=`` limit, once per physical copy, however many contents
+share the slot (``AnonContent.snapshot``, for checkpoints):
+
+- A slot's pages are charged to the one content holding it (its ``Account``)
+  or, while ``shared`` lists the slot with its number of holders, to the arena.
+  A snapshot moves the charge of a content's own slots to the arena; it takes
+  no page.
+- The first change of a shared slot by one holder copies the pages it keeps
+  into a new slot, charged to that holder: that write (or truncate) needs free
+  pages like any other and fails with ENOSPC, or is cut short, without them;
+  the other holders keep the old pages.
+- The last holder to let go gives the pages back.  A holder left alone keeps
+  the slot listed (count 1) until it changes or drops it, and then takes the
+  charge over (``Account.adopt``).
+- A file settled early (``Account.settle``: nameless and closed, the kernel may
+  still refer to it) gives back the pages of its own slots; the pages it shares
+  stay counted until it lets go of them, or is left alone with them and
+  changes them.
+
+So a checkpoint costs the pages only it still holds, and ``pages_held``
+returns exactly to where it was once every snapshot and file is released.
+It knows only bytes: no inodes, no names, no FUSE.  Synchronous; the
+single-threaded daemon is its only caller.
 """
 
 from __future__ import annotations
@@ -213,9 +231,8 @@ class Account:
     A file that lost its last name and handle gives its pages back to the budget
     at once (``settle``), as tmpfs frees them at once, even though the kernel may
     still hold a reference that keeps the bytes alive until FORGET.  Whatever
-    it frees afterwards is refunded only up to what it still has charged.  Pages
-    it shares stay counted until their other holders let go of them: then they
-    are its alone and go back to the budget (``adopt``), or when it lets go.
+    it frees afterwards is refunded only up to what it still has charged.  The
+    pages of its shared slots are the arena's to count (see the module).
     """
 
     __slots__ = ("arena", "charged", "settled")

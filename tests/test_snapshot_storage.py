@@ -363,6 +363,7 @@ def test_a_mapped_lower_file_moves_its_written_pages_and_stops_mapping(arena: Ar
     copy.write(4 * PAGE, b"COPY")  # a shared slot of the tail: copied (4 pages), the original unchanged
     content.write(100 * PAGE, b"ORIG")  # a backing page: copied from the backing file, one page
     assert arena.pages_held == 5 + 4 + 1
+    assert copy.exclusive_pages() == 4 and content.exclusive_pages() == 4 + 1  # slot 0 each alone; page 100
     assert everything(content) == expected[: 100 * PAGE] + b"ORIG" + expected[100 * PAGE + 4 :]
     assert everything(copy) == expected[: 4 * PAGE] + b"COPY" + expected[4 * PAGE + 4 :]
     check_books(arena, [content, copy])
