@@ -131,15 +131,37 @@ def rollback(fs: Filesystem, checkpoint: Checkpoint) -> Invalidations:
     """Make the live tree the checkpoint's; what the kernel must forget of it."""
     known = known_state(fs)
     restored = {ino: frozen(state) for ino, state in checkpoint.inodes.items() if not same(fs.inodes.get(ino), state)}
+    held: dict[bytes, Inode] = {}  # overlay: lower files the kernel holds that the checkpoint had not listed yet
     for inode in list(fs.inodes.values()):
         if inode.nlink and inode.ino not in checkpoint.inodes:
+            if inode.origin is not None and (inode.lookups or inode.opens):
+                held[inode.origin] = inode
             unname(fs, inode)
     for ino, state in restored.items():
         restore(fs, ino, state)
     if fs.overlay is not None:
         restore_links(fs, checkpoint)
+        adopt(fs, held)
     fs.recount_inodes()
     return invalidations(fs, known)
+
+
+def adopt(fs: Filesystem, held: dict[bytes, Inode]) -> None:
+    """Lower files that existed at the checkpoint, though it had not listed their
+    directories yet, and that the kernel or a handle holds: list those
+    directories now, so that each becomes its lower path's file again under
+    its number (an open one then reads LOWERDIR's bytes, as at the checkpoint)."""
+    awaiting = {
+        inode.dir.unlisted: inode for inode in fs.inodes.values() if inode.dir and inode.dir.unlisted is not None
+    }
+    for path in sorted(held, key=len):  # a directory before what is in it
+        directory = awaiting.get(path.rpartition(b"/")[0])
+        if path not in held or directory is None or not directory.awaits_listing:
+            continue  # adopted already, or its place is not LOWERDIR's in the checkpoint
+        for ino, _ in fs.entries(directory, adopt=held).values():
+            child = fs.inodes[ino]
+            if child.dir is not None and child.dir.unlisted is not None:
+                awaiting[child.dir.unlisted] = child
 
 
 def same(live: Inode | None, state: Inode) -> bool:

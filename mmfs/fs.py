@@ -189,20 +189,35 @@ class Filesystem:
         return inode
 
     # --- the backing directory (overlay mode) -------------------------------
-    def entries(self, directory: Inode) -> dict[bytes, tuple[int, int]]:
+    def entries(self, directory: Inode, adopt: dict[bytes, Inode] | None = None) -> dict[bytes, tuple[int, int]]:
         """A directory's entries, listing its backing directory the first time
-        (in the order ``Overlay.listing`` gives)."""
+        (in the order ``Overlay.listing`` gives).  ``adopt``: inodes that
+        become the entries of their lower paths again, under their numbers,
+        instead of new ones (taken out of it; see ``checkpoints.rollback``)."""
         assert directory.dir is not None
         if directory.dir.unlisted is not None:
             assert self.overlay is not None
             with storage_errors:
                 listing = self.overlay.listing(directory.dir)
+
+            def new_inode(entry: LowerEntry) -> Inode:
+                if adopt and entry.path in adopt:
+                    return self._as_new(adopt.pop(entry.path))
+                return self._new_inode(entry.st.st_mode, 0, 0, counted=False)  # LOWERDIR's entries never count
+
             for entry in listing:
-                self._link_entry(directory, entry.name, self.overlay.inode(entry, directory, self._new_lower_inode))
+                self._link_entry(directory, entry.name, self.overlay.inode(entry, directory, new_inode))
         return directory.dir.entries
 
-    def _new_lower_inode(self, mode: int) -> Inode:
-        return self._new_inode(mode, 0, 0, counted=False)  # LOWERDIR's own entries never count
+    @staticmethod
+    def _as_new(inode: Inode) -> Inode:
+        """A nameless inode, emptied to be made again from its lower entry."""
+        if inode.content is not None:
+            inode.content.uncharge()
+            inode.content.release()
+        inode.content, inode.dir, inode.lower_key = None, None, None
+        inode.nlink, inode.hidden_links, inode.counted = 1, 0, False
+        return inode
 
     def loaded(self, inode: Inode) -> Inode:
         """The inode with its directory listed (its size counts its entries)."""

@@ -70,9 +70,9 @@ class Overlay:
             if not self.unlisted_links[key]:
                 del self.unlisted_links[key]
 
-    def inode(self, entry: LowerEntry, parent: Inode, new_inode: Callable[[int], Inode]) -> Inode:
+    def inode(self, entry: LowerEntry, parent: Inode, new_inode: Callable[[LowerEntry], Inode]) -> Inode:
         """The inode of a listed entry of ``parent``: the one of another name of
-        the same file listed before, or a new one (``new_inode(mode)``)."""
+        the same file listed before, or a new one (``new_inode(entry)``)."""
         st = entry.st
         key = (st.st_dev, st.st_ino)
         known = self.links.get(key)
@@ -82,7 +82,7 @@ class Overlay:
             else:
                 known.nlink += 1
             return known
-        inode = new_inode(st.st_mode)
+        inode = new_inode(entry)
         copy_lower_attrs(inode, entry)
         inode.origin, inode.changed = entry.path, False
         if stat.S_ISDIR(st.st_mode):
