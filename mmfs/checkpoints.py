@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from .changes import Change, differs, join
-from .fs import ROOT_INO, Filesystem
+from .fs import ROOT_INO, Filesystem, FsError
 from .inode import Content, Directory, Inode
 
 Key = tuple[int, int]
@@ -158,7 +158,11 @@ def adopt(fs: Filesystem, held: dict[bytes, Inode]) -> None:
         directory = awaiting.get(path.rpartition(b"/")[0])
         if path not in held or directory is None or not directory.awaits_listing:
             continue  # adopted already, or its place is not LOWERDIR's in the checkpoint
-        for ino, _ in fs.entries(directory, adopt=held).values():
+        try:
+            listed = fs.entries(directory, adopt=held)
+        except FsError:  # LOWERDIR unreadable there: those files stay nameless, the rollback is whole
+            continue
+        for ino, _ in listed.values():
             child = fs.inodes[ino]
             if child.dir is not None and child.dir.unlisted is not None:
                 awaiting[child.dir.unlisted] = child
