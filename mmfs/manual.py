@@ -166,8 +166,9 @@ VERBS = {
     ),
     "checkpoint": Verb(
         "mmfs checkpoint [--delete] MOUNTPOINT NAME",
-        "Record the whole tree as it is now under NAME (both modes), in well under a second: every file's "
-        "data is shared with the live tree, copy-on-write, and a write afterwards copies only the 64 KiB "
+        "Record the whole tree as it is now under NAME (both modes), in about 9 us a file (0.9 s for "
+        "100,000): every file's data is shared with the live tree, copy-on-write, and a write afterwards "
+        "copies only the 64 KiB "
         "slot it changes. Pages count once against size=, so a checkpoint costs what only it still holds; "
         "inode numbers only checkpoints hold count against nr_inodes=; df shows both. With --delete, drop "
         "the checkpoint NAME and what only it holds.",
