@@ -226,9 +226,9 @@ class TmpfsCheckpoints:
 
 # What mmfs must give back that the tmpfs copy cannot: inode numbers, mtimes, ctimes.
 OWN_STATS = (*SHARED_STATS, "ino", "mtime_ns", "ctime_ns")
-# Overlay mode: a lower file first looked up after the checkpoint (here: by the
-# snapshot of the tree as taken) is looked up again after a rollback, under a
-# new number (see test_a_lower_file_first_opened_after_the_checkpoint_...).
+# Overlay mode: the snapshot of the tree as taken looks up lower files that the
+# checkpoint had not listed yet, so they get their numbers after it; one that
+# is then deleted and freed gets a new number when the rollback lists it again.
 OWN_OVERLAY_STATS = (*SHARED_STATS, "mtime_ns", "ctime_ns")
 
 
