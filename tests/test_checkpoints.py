@@ -1038,6 +1038,23 @@ def test_diff_since_a_checkpoint_in_overlay_mode(mmfs_factory: Factory, tmp_path
     assert "A before\n" in against_lower and "M data/file\n" in against_lower
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14: since() takes a lower file for another one when its origin is another name of the same "
+    "hard-linked lower file",
+)
+def test_diff_since_is_empty_after_listing_lower_hard_links(mmfs_factory: Factory, tmp_path: Path) -> None:
+    """The checkpoint holds LOWERDIR's directory unlisted; listing it changes nothing."""
+    lower = tmp_path / "lower"
+    (lower / "w").mkdir(parents=True)
+    (lower / "w/f").write_bytes(b"f")
+    os.link(lower / "w/f", lower / "w/f.link")
+    mnt = mmfs_factory("overlay", str(lower)).path
+    request(mnt, "checkpoint", name="c")
+    assert sorted(os.listdir(mnt / "w")) == ["f", "f.link"]
+    assert request(mnt, "diff", since="c")["changes"] == []
+
+
 # What an overlay mount shows of LOWERDIR's files as LOWERDIR has it: not
 # st_blocks (lower pages are not the mount's), nor a directory's size (the disk's
 # own); inode numbers are new after a reset (lower files are looked up again,
