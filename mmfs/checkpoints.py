@@ -350,8 +350,12 @@ class Since:
 
     def in_both(self, path: bytes, live: Inode, old: Node) -> None:
         if isinstance(old, Lowered):
-            same_identity = live.origin == old.path and (live.dir is not None) == old.is_dir
-            kept = same_identity and not (live.changed and self.differs_from_lower(live, old.path))
+            same_identity = self.is_lower_file(live, old)
+            previous = self.old.get(live.ino)  # another name of a hard-linked lower file, listed at the checkpoint
+            if previous is not None:
+                kept = same_identity and same_file(live, previous)
+            else:
+                kept = same_identity and not (live.changed and self.differs_from_lower(live, old.path))
         else:
             same_identity = live.ino == old.ino and stat.S_IFMT(live.mode) == stat.S_IFMT(old.mode)
             kept = same_identity and same_file(live, old)
@@ -364,6 +368,21 @@ class Since:
                 self.deleted_beneath(path, old)
         elif live.dir is not None:
             self.directory(path, live, old)
+
+    def is_lower_file(self, live: Inode, old: Lowered) -> bool:
+        """Whether a live inode is the lower file at ``old.path``: made from that
+        path, or (a hard-linked lower file made from another of its names) the
+        same file of LOWERDIR's filesystem."""
+        if (live.dir is not None) != old.is_dir:
+            return False
+        if live.origin == old.path:
+            return True
+        if live.lower_key is None:
+            return False
+        assert self.fs.overlay is not None
+        parent, _, name = old.path.rpartition(b"/")
+        st = self.fs.overlay.lower.entry(parent, name).st
+        return live.lower_key == (st.st_dev, st.st_ino)
 
     def differs_from_lower(self, live: Inode, lower_path: bytes) -> bool:
         assert self.fs.overlay is not None

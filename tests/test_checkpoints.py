@@ -1038,11 +1038,6 @@ def test_diff_since_a_checkpoint_in_overlay_mode(mmfs_factory: Factory, tmp_path
     assert "A before\n" in against_lower and "M data/file\n" in against_lower
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14: since() takes a lower file for another one when its origin is another name of the same "
-    "hard-linked lower file",
-)
 def test_diff_since_is_empty_after_listing_lower_hard_links(mmfs_factory: Factory, tmp_path: Path) -> None:
     """The checkpoint holds LOWERDIR's directory unlisted; listing it changes nothing."""
     lower = tmp_path / "lower"
