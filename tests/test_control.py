@@ -235,8 +235,10 @@ def test_a_mount_that_is_gone_or_dead_is_one_line(mmfs_factory, tmp_path: Path) 
 def test_verb_usage_errors_are_one_line() -> None:
     for args, message in [
         (("status", "--frobnicate"), "mmfs status: unknown argument: '--frobnicate' (see mmfs status --help)\n"),
-        (("diff",), "mmfs diff: usage: mmfs diff MOUNTPOINT [--json]\n"),
+        (("diff",), "mmfs diff: usage: mmfs diff MOUNTPOINT [--since CHECKPOINT] [--json]\n"),
+        (("diff", "x", "--since"), "mmfs diff: --since needs a value (see mmfs diff --help)\n"),
         (("export", "x"), "mmfs export: usage: mmfs export MOUNTPOINT DIR\n"),
+        (("checkpoint", "x"), "mmfs checkpoint: usage: mmfs checkpoint [--delete] MOUNTPOINT NAME\n"),
     ]:
         result = mmfs(*args, check=False)
         assert (result.returncode, result.stderr) == (1, message)

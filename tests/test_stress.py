@@ -2,7 +2,7 @@
 
 The quick run is one exerciser seed in tmpfs mode, two in overlay mode (a large,
 mapped lower file and a small, copied one), then the load and fill checks in
-each mode: seven summary lines, each ending in ``corruptions=0`` (a check that
+each mode, and the checkpoint check in each mode: nine summary lines, each ending in ``corruptions=0`` (a check that
 failed otherwise appends `` FAILED: ...``).  Afterwards none of its mounts or
 temporary directories may be left behind.
 """
@@ -23,6 +23,8 @@ EXPECTED_CHECKS = [
     "load overlay",
     "fill tmpfs",
     "fill overlay",
+    "checkpoint tmpfs",
+    "checkpoint overlay",
 ]
 
 
