@@ -960,6 +960,27 @@ def test_inode_numbers_only_a_checkpoint_holds_count_against_nr_inodes(mmfs_fact
     (mnt / "one-more").write_bytes(b"")
 
 
+def test_the_checkpoints_command_lists_them_oldest_first(mnt: Path) -> None:
+    (mnt / "f").write_bytes(b"x" * SLOT)
+    began = time.time()
+    succeeds("checkpoint", mnt, "first")
+    (mnt / "g").write_bytes(b"")
+    request(mnt, "checkpoint", name="second")
+    os.unlink(mnt / "f")  # its slot is the checkpoints' alone now, shared by both
+    listed = json.loads(succeeds("checkpoints", mnt, "--json"))
+    assert [entry["name"] for entry in listed] == ["first", "second"]
+    assert [entry["files"] for entry in listed] == [2, 3]  # the root counts
+    assert all(began - 1 <= entry["taken_at"] <= time.time() for entry in listed)
+    assert [set(entry) for entry in listed] == [{"name", "taken_at", "files", "exclusive_bytes"}] * 2
+    assert [entry["exclusive_bytes"] for entry in listed] == [0, 0]  # shared by both: neither holds it alone
+    lines = succeeds("checkpoints", mnt).splitlines()
+    assert [line.split()[0] for line in lines] == ["first", "second"] and "3 files" in lines[1]
+    assert succeeds("checkpoint", "--delete", mnt, "first") == f"checkpoint first of {mnt} deleted\n"
+    assert checkpoints_of(mnt)["second"]["exclusive_bytes"] == SLOT
+    request(mnt, "delete-checkpoint", name="second")
+    assert succeeds("checkpoints", mnt) == "" and json.loads(succeeds("checkpoints", mnt, "--json")) == []
+
+
 # --- 8. errors ------------------------------------------------------------------------------
 def test_errors_are_one_line_and_harm_nothing(mnt: Path) -> None:
     (mnt / "f").write_bytes(b"kept")
