@@ -49,12 +49,14 @@ def known_names(daemon: Daemon) -> str:
     return f" (there are: {', '.join(names)})" if names else " (there are none)"
 
 
-def handle_checkpoint(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
-    """``{"op": "checkpoint", "name": NAME}``: record the tree as it is now."""
+async def handle_checkpoint(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
+    """``{"op": "checkpoint", "name": NAME}``: record the tree as it is now
+    (pages written through shared mappings included: the kernel sends them first)."""
     name = checkpoint_name(request)
+    started = time.perf_counter()
+    await daemon.operations.write_back(daemon.mountpoint)
     if name in daemon.checkpoints:
         raise control.RequestError(f"a checkpoint named {name!r} exists already (delete it first)")
-    started = time.perf_counter()
     try:
         checkpoint = checkpoints.take(daemon.fs, name)
     except NoSpace:
@@ -87,26 +89,34 @@ def handle_list(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
 
 
 async def handle_rollback(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
-    """``{"op": "rollback", "name": NAME}``: show the checkpoint's tree again (it stays)."""
-    return await rolled_back(daemon, existing(daemon, request))
+    """``{"op": "rollback", "name": NAME}``: show the checkpoint's tree again (it stays).
+    The kernel first sends what it holds dirty (pages written through shared
+    mappings), else those pages would land in the restored files afterwards."""
+    started = time.perf_counter()
+    existing(daemon, request)  # an unknown name is an error before anything is done
+    await daemon.operations.write_back(daemon.mountpoint)
+    return await rolled_back(daemon, existing(daemon, request), started)  # looked up again: it may have gone
 
 
 async def handle_reset(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
     """``{"op": "reset"}`` (overlay mode): back to the untouched LOWERDIR."""
     if daemon.fs.overlay is None:
         raise control.RequestError("reset needs overlay mode (in tmpfs mode, roll back to a checkpoint)")
-    return await rolled_back(daemon, checkpoints.reset_point(daemon.fs))
-
-
-async def rolled_back(daemon: Daemon, checkpoint: checkpoints.Checkpoint) -> Reply:
     started = time.perf_counter()
+    await daemon.operations.write_back(daemon.mountpoint)
+    return await rolled_back(daemon, checkpoints.reset_point(daemon.fs), started)
+
+
+async def rolled_back(daemon: Daemon, checkpoint: checkpoints.Checkpoint, started: float) -> Reply:
+    """The model's rollback (one synchronous step), then the kernel made to forget."""
+    model_started = time.perf_counter()
     forget = checkpoints.rollback(daemon.fs, checkpoint)
     restored = time.perf_counter()
     await daemon.operations.forget_cached(forget.inodes, forget.entries)
     return {
         "name": checkpoint.name,
         "seconds": time.perf_counter() - started,
-        "model_seconds": restored - started,
+        "model_seconds": restored - model_started,
         "inodes_invalidated": len(forget.inodes),
         "names_invalidated": len(forget.entries),
     }

@@ -32,6 +32,7 @@ from . import acl
 from .arena import PAGE
 from .fs import NAME_MAX, Attrs, Filesystem, FsError
 from .inode import Inode
+from .linux import syncfs
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +392,21 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_inode(ino, attr_only=False)
         except OSError as error:  # ENOENT: the kernel has forgotten the inode, and its pages
             log.debug("dropping the cached pages of inode %d: %s", ino, error)
+
+    @staticmethod
+    async def write_back(mountpoint: str) -> None:
+        """Make the kernel send what it holds dirty of this mount (pages written
+        through shared mappings) before the model is recorded or rolled back.
+        On a worker thread: the writes are requests this loop serves meanwhile."""
+
+        def sync() -> None:
+            fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                syncfs(fd)
+            finally:
+                os.close(fd)
+
+        await trio.to_thread.run_sync(sync)
 
     @staticmethod
     async def forget_cached(inodes: Sequence[int], entries: Sequence[tuple[int, bytes]]) -> None:

@@ -95,6 +95,11 @@ def in_memory_filesystem(fd: int) -> bool:
     return found.f_type in (TMPFS_MAGIC, RAMFS_MAGIC)
 
 
+def syncfs(fd: int) -> None:
+    """``syncfs(2)``: write back what the kernel holds dirty of the filesystem of ``fd``."""
+    _check(_libc.syncfs(ctypes.c_int(fd)))
+
+
 def holds_read_lease(fd: int) -> bool:
     """False once someone has started breaking the lease."""
     return bool(fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK)

@@ -506,12 +506,6 @@ def test_a_holder_reads_the_checkpoint_bytes_through_its_descriptor_and_its_mapp
     assert read_uncached(path) == b"mw" + b"a" * (3 * PAGE - 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14: pages a MAP_SHARED mapping dirtied and nobody flushed reach the daemon only at writeback: "
-    "a checkpoint misses them, and a rollback's invalidation writes them back into the restored file "
-    "(a syncfs of the mount before the model step would flush them)",
-)
 def test_writes_through_a_mapping_count_from_when_they_were_made(mnt: Path) -> None:
     path = mnt / "f"
     path.write_bytes(b"a" * 2 * PAGE)
