@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .changes import Change, differs, join
@@ -129,14 +130,14 @@ def pin(fs: Filesystem, checkpoint: Checkpoint, by: int) -> None:
 
 def rollback(fs: Filesystem, checkpoint: Checkpoint) -> Invalidations:
     """Make the live tree the checkpoint's; what the kernel must forget of it."""
-    known = known_state(fs)
     restored = {ino: frozen(state) for ino, state in checkpoint.inodes.items() if not same(fs.inodes.get(ino), state)}
+    gone = [inode for inode in fs.inodes.values() if inode.nlink and inode.ino not in checkpoint.inodes]
+    known = known_state(fs, [*restored, *(inode.ino for inode in gone)])  # nothing else changes
     held: dict[bytes, Inode] = {}  # overlay: lower files the kernel holds that the checkpoint had not listed yet
-    for inode in list(fs.inodes.values()):
-        if inode.nlink and inode.ino not in checkpoint.inodes:
-            if inode.origin is not None and (inode.lookups or inode.opens):
-                held[inode.origin] = inode
-            unname(fs, inode)
+    for inode in gone:
+        if inode.origin is not None and (inode.lookups or inode.opens):
+            held[inode.origin] = inode
+        unname(fs, inode)
     for ino, state in restored.items():
         restore(fs, ino, state)
     if fs.overlay is not None:
@@ -238,11 +239,18 @@ def restore_links(fs: Filesystem, checkpoint: Checkpoint) -> None:
 KnownState = tuple[dict[int, tuple[object, ...]], dict[int, dict[bytes, int]]]
 
 
-def known_state(fs: Filesystem) -> KnownState:
-    """What the kernel may have cached: the attributes and contents of the inodes
-    it holds, and the names of the directories it holds."""
-    inodes = {ino: seen(inode) for ino, inode in fs.inodes.items() if inode.lookups}
-    names = {ino: names_of(inode) for ino, inode in fs.inodes.items() if inode.lookups and inode.dir is not None}
+def known_state(fs: Filesystem, changing: Iterable[int]) -> KnownState:
+    """What the kernel may have cached of the inodes a rollback will change: the
+    attributes and contents of those it holds, and the names of the
+    directories among them."""
+    inodes: dict[int, tuple[object, ...]] = {}
+    names: dict[int, dict[bytes, int]] = {}
+    for ino in changing:
+        inode = fs.inodes.get(ino)
+        if inode is not None and inode.lookups:
+            inodes[ino] = seen(inode)
+            if inode.dir is not None:
+                names[ino] = names_of(inode)
     return inodes, names
 
 
