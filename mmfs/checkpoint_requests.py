@@ -88,20 +88,29 @@ def handle_list(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
     }
 
 
+def writable(daemon: Daemon) -> None:
+    """A rollback changes the tree: not on a read-only mount."""
+    if daemon.operations.read_only:
+        raise control.RequestError("the mount is read-only (mount -o remount,rw MOUNTPOINT first)")
+
+
 async def handle_rollback(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
     """``{"op": "rollback", "name": NAME}``: show the checkpoint's tree again (it stays).
     The kernel first sends what it holds dirty (pages written through shared
     mappings), else those pages would land in the restored files afterwards."""
     started = time.perf_counter()
+    writable(daemon)
     existing(daemon, request)  # an unknown name is an error before anything is done
     await daemon.operations.write_back(daemon.mountpoint)
-    return await rolled_back(daemon, existing(daemon, request), started)  # looked up again: it may have gone
+    writable(daemon)  # checked again, with the name: either may have changed meanwhile
+    return await rolled_back(daemon, existing(daemon, request), started)
 
 
 async def handle_reset(daemon: Daemon, request: Request, fds: list[int]) -> Reply:
     """``{"op": "reset"}`` (overlay mode): back to the untouched LOWERDIR."""
     if daemon.fs.overlay is None:
         raise control.RequestError("reset needs overlay mode (in tmpfs mode, roll back to a checkpoint)")
+    writable(daemon)
     started = time.perf_counter()
     await daemon.operations.write_back(daemon.mountpoint)
     return await rolled_back(daemon, checkpoints.reset_point(daemon.fs), started)

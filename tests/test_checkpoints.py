@@ -1113,3 +1113,19 @@ def test_reset_goes_back_to_lowerdir_and_keeps_the_checkpoints(mmfs_factory: Fac
     request(mnt, "rollback", name="changed")
     assert full_state(mnt) == changed and succeeds("diff", mnt) == changes
     assert not differences(before, lower_state(lower)), "LOWERDIR changed"
+
+
+def test_a_read_only_mount_is_not_rolled_back(mnt: Path) -> None:
+    """A rollback changes the tree: refused on a mount made read-only, as every other change is."""
+    (mnt / "f").write_bytes(b"checkpoint")
+    request(mnt, "checkpoint", name="c")
+    (mnt / "f").write_bytes(b"later")
+    request(mnt, "remount", read_only=True)
+    try:
+        with pytest.raises(UsageError, match=r"read-only \(mount -o remount,rw MOUNTPOINT first\)"):
+            request(mnt, "rollback", name="c")
+        assert (mnt / "f").read_bytes() == b"later"
+    finally:
+        request(mnt, "remount", read_only=False)
+    request(mnt, "rollback", name="c")
+    assert (mnt / "f").read_bytes() == b"checkpoint"
