@@ -2,10 +2,12 @@
 
 ``build`` makes the arena (the memory file contents live in), the model
 (``fs.Filesystem``), in overlay mode the backing directory and the budget of
-lower files mapped at once (``content.MapBudget``), and the pyfuse3 adapter
+lower files mapped at once (``maps.MapBudget``), and the pyfuse3 adapter
 (``fuse_ops.Operations``) over the model.  ``mount.serve`` mounts and serves a
 ``Daemon``; the tasks it runs beside the requests (lease breaks, readahead,
-signals) take what they need from it, never from the adapter.
+signals, the control channel) take what they need from it, never from the
+adapter.  The daemon also names what the control channel answers
+(``control_handlers``) and keeps the mount's checkpoints.
 """
 
 from __future__ import annotations
