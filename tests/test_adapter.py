@@ -17,13 +17,12 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import pytest
 import trio
+from support.models import overlay_model
 
 from mmfs.arena import PAGE, Arena
-from mmfs.content import AnonContent, CowContent
+from mmfs.content import AnonContent
 from mmfs.fs import NAME_MAX, ROOT_INO, Filesystem, FsConfig
 from mmfs.fuse_ops import CACHE_TIMEOUT, Operations
-from mmfs.lower import LowerDir, LowerEntry
-from mmfs.maps import MapBudget
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -200,15 +199,7 @@ def test_forget_with_too_large_a_count_is_contained(ops: Operations, caplog: pyt
 
 def overlay_ops(lower: Path) -> Operations:
     """An adapter over an overlay-mode model of ``lower``, as ``daemon.build`` makes one."""
-    arena = Arena(256 * MiB, 0)
-    maps = MapBudget(limit=0, leases=False)
-    tree = LowerDir(str(lower))
-
-    def content(entry: LowerEntry) -> CowContent:
-        return CowContent(arena, maps, lambda: tree.open(entry.path), entry.st.st_size, entry.st.st_blocks)
-
-    fs = Filesystem(lambda: AnonContent(arena), FsConfig(), space=arena, lower=tree, lower_content=content)
-    return Operations(fs)
+    return Operations(overlay_model(lower))
 
 
 def test_entry_replies_never_list_a_backing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,52 +20,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from support.models import ino, overlay_model, split, write
 
 from mmfs import control
 from mmfs.arena import Arena
 from mmfs.changes import diff
-from mmfs.content import AnonContent, CowContent
+from mmfs.content import AnonContent
 from mmfs.export import data_runs, export
 from mmfs.fs import RENAME_EXCHANGE, ROOT_INO, Attrs, Filesystem, FsConfig
 from mmfs.lower import LowerDir, LowerEntry
-from mmfs.maps import MapBudget
 from mmfs.quoting import quote_path
 
 MiB = 1 << 20
 OLD_NS = 1_000_000_000 * 10**9
-
-
-def overlay_model(lower: Path) -> Filesystem:
-    """An overlay-mode model of ``lower``, as ``daemon.build`` makes one (no maps: copies into the arena)."""
-    arena = Arena(256 * MiB, 0)
-    maps = MapBudget(limit=0, leases=False)
-    tree = LowerDir(str(lower))
-
-    def content(entry: LowerEntry) -> CowContent:
-        return CowContent(arena, maps, lambda: tree.open(entry.path), entry.st.st_size, entry.st.st_blocks)
-
-    return Filesystem(lambda: AnonContent(arena), FsConfig(), space=arena, lower=tree, lower_content=content)
-
-
-def ino(fs: Filesystem, path: bytes) -> int:
-    """The inode number at ``path`` (relative to the root), looked up name by name."""
-    number = ROOT_INO
-    for name in filter(None, path.split(b"/")):
-        inode = fs.lookup(number, name)
-        assert inode is not None, path
-        number = inode.ino
-    return number
-
-
-def split(fs: Filesystem, path: bytes) -> tuple[int, bytes]:
-    parent, _, name = path.rpartition(b"/")
-    return ino(fs, parent), name
-
-
-def write(fs: Filesystem, path: bytes, data: bytes, offset: int = 0) -> None:
-    fh = fs.open(ino(fs, path), os.O_WRONLY)
-    assert fs.write(fh, offset, data) == len(data)
-    fs.release(fh)
 
 
 def create(fs: Filesystem, path: bytes, data: bytes = b"") -> None:
