@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import control, manual, mounts
@@ -32,13 +33,13 @@ def main(verb: str, argv: list[str]) -> int:
         return 1
 
 
+@dataclass
 class Args:
-    """A verb's arguments: positional ones and the flags given."""
+    """A verb's arguments: positional ones, the flags given, and options with values."""
 
-    def __init__(self, positional: list[str], flags: set[str], values: dict[str, str]) -> None:
-        self.positional = positional
-        self.flags = flags
-        self.values = values  # --since NAME
+    positional: list[str]
+    flags: set[str]
+    values: dict[str, str]  # --since NAME
 
 
 def parse(verb: str, argv: list[str]) -> Args:
